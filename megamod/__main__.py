@@ -1,0 +1,74 @@
+"""`python -m megamod <command>` and the `megamod` console script.
+
+Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`.
+Exit codes: 0 success, 2 bad config or input (the message names the key or file),
+1 anything else (a bug: the traceback is printed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megamod.errors import MegamodError
+
+USAGE = """usage: megamod <command> [args]
+
+commands:
+  train CONFIG.yaml [key.sub=value ...]   train (under torchrun or srun for several processes)
+  build-shards --format {llava,mimicit} ...  build WebDataset shards (see --help)
+"""
+
+
+def train_command(argv: list[str]) -> int:
+    from megamod.config import load_config
+
+    if not argv or argv[0].startswith("-"):
+        print("usage: megamod train CONFIG.yaml [key.sub=value ...]", file=sys.stderr)
+        return 2
+    config = load_config(argv[0], argv[1:])  # fails before any process group exists
+
+    from megamod.parallel import destroy_distributed, init_distributed
+    from megamod.training.logging import setup_console_logging
+    from megamod.training.loop import train
+
+    init_distributed(config.parallel, config.train.seed)
+    setup_console_logging()
+    try:
+        train(config)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def build_shards_command(argv: list[str]) -> int:
+    from megamod.data.shards import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": train_command, "build-shards": build_shards_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except MegamodError as e:
+        rank = _rank_prefix()
+        print(f"{rank}error: {e}", file=sys.stderr)
+        return 2
+
+
+def _rank_prefix() -> str:
+    import os
+
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    return f"[rank {rank}] " if rank is not None else ""
+
+
+# The guard matters: dist_checkpointing's writer starts processes that re-import main.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Typed configuration: one dataclass per section, loaded from YAML plus overrides.
+
+`load_config("run.yaml", ["train.lr=1e-4", "parallel.sequence_parallel=true"])` reads
+the YAML, applies the dotted overrides (values parsed as YAML scalars/lists), checks
+every key and type against the dataclasses below and validates the combinations that
+can be checked before any process starts. A mistake raises `ConfigError` naming the key
+and the fix (exit code 2 from the CLI). Field names follow Megatron-LM's flags in
+snake_case where one exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from megamod.errors import ConfigError
+
+TRAINABLE_PARTS = ("vision", "projector", "language")
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style ViT. Defaults: CLIP ViT-L/14 at 336 px, as in LLaVA-1.5."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    num_layers: int = 24
+    hidden_size: int = 1024
+    ffn_hidden_size: int = 4096
+    num_attention_heads: int = 16
+    # LLaVA-1.5 feeds the projector the second-to-last layer's output; layers after it
+    # are not built. The CLS token is dropped.
+    feature_layer: int = -2
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layernorm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.vision.image_size={self.image_size} is not a multiple of "
+                f"model.vision.patch_size={self.patch_size}: change one of them"
+            )
+        if not -self.num_layers <= self.feature_layer < 0:
+            raise ConfigError(
+                f"model.vision.feature_layer={self.feature_layer} must be in "
+                f"[-{self.num_layers}, -1] (negative, counted from the last layer)"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_built_layers(self) -> int:
+        return self.num_layers + self.feature_layer + 1
+
+
+@dataclass
+class ProjectorConfig:
+    """LLaVA-1.5's `mlp2x_gelu`: Linear(vision, lang) -> GELU -> Linear(lang, lang)."""
+
+    projector_type: Literal["mlp2x_gelu"] = "mlp2x_gelu"
+
+
+@dataclass
+class LanguageConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+
+    num_layers: int = 32
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 11008
+    num_attention_heads: int = 32
+    # None means one key/value head per query head (multi-head attention).
+    num_query_groups: Optional[int] = None
+    seq_length: int = 2048
+    # None: the tokenizer's size, padded to a multiple of
+    # make_vocab_size_divisible_by x tensor_model_parallel_size (as Megatron-LM does).
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    swiglu: bool = True
+    rotary_base: int = 10000
+    layernorm_epsilon: float = 1e-5
+    untie_embeddings_and_output_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.language.hidden_size={self.hidden_size} is not divisible by "
+                f"model.language.num_attention_heads={self.num_attention_heads}"
+            )
+        groups = self.num_query_groups
+        if groups is not None and self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.language.num_attention_heads={self.num_attention_heads} is not "
+                f"divisible by model.language.num_query_groups={groups}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    init_method_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+        if self.pipeline_model_parallel_size != 1:
+            raise ConfigError(
+                "parallel.pipeline_model_parallel_size > 1 is not supported yet: "
+                "set it to 1 and use tensor_model_parallel_size"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1:"
+                " set sequence_parallel=false or raise tensor_model_parallel_size"
+            )
+
+
+@dataclass
+class DataConfig:
+    # "tiny": the bundled data set (real images from scikit-image); else a LLaVA JSON.
+    train_data: str = "tiny"
+    # Folder that image paths in train_data are relative to (ignored for "tiny").
+    image_folder: Optional[str] = None
+    # "tiny" or a local Hugging Face tokenizer directory.
+    tokenizer: str = "tiny"
+    conversation_template: Literal["plain", "vicuna_v1", "llama3"] = "plain"
+    image_aspect_ratio: Literal["pad", "resize"] = "pad"
+    # Reshuffle every epoch from this seed (the data position is checkpointed).
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_fraction: float = 0.03
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    # Which parts train; the others are frozen (no gradients, no optimizer state).
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE_PARTS))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
+        if unknown:
+            raise ConfigError(
+                f"train.trainable has unknown part(s) {unknown}: choose from {list(TRAINABLE_PARTS)}"
+            )
+        if not self.trainable:
+            raise ConfigError("train.trainable is empty: name at least one part to train")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ConfigError("train.lr_warmup_fraction must be in [0, 1)")
+
+
+@dataclass
+class PrecisionConfig:
+    # Parameters and activations; optimizer main params stay fp32 in bf16/fp16.
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class StabilityConfig:
+    # Megatron-LM's --check-for-nan-in-loss-and-grad: fail loudly on a NaN/Inf
+    # gradient instead of training on garbage.
+    check_for_nan_in_loss_and_grad: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    # Save every N iterations (and always at the end when save_dir is set).
+    save_interval: Optional[int] = None
+    # A save_dir to resume from (its latest_checkpointed_iteration.txt).
+    load: Optional[str] = None
+    # Load model weights only (stage transitions): no optimizer, scheduler, RNG, data.
+    finetune: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        language, tp = self.model.language, self.parallel.tensor_model_parallel_size
+        if language.num_attention_heads % tp:
+            raise ConfigError(
+                f"model.language.num_attention_heads={language.num_attention_heads} is not "
+                f"divisible by parallel.tensor_model_parallel_size={tp}: pick a TP size "
+                f"that divides the head count"
+            )
+        groups = language.num_query_groups or language.num_attention_heads
+        if groups % tp:
+            raise ConfigError(
+                f"model.language.num_query_groups={groups} is not divisible by "
+                f"parallel.tensor_model_parallel_size={tp}"
+            )
+        vision = self.model.vision
+        if vision.num_attention_heads % tp:
+            raise ConfigError(
+                f"model.vision.num_attention_heads={vision.num_attention_heads} is not "
+                f"divisible by parallel.tensor_model_parallel_size={tp}"
+            )
+        if self.parallel.sequence_parallel and language.seq_length % tp:
+            raise ConfigError(
+                f"model.language.seq_length={language.seq_length} is not divisible by "
+                f"parallel.tensor_model_parallel_size={tp}, which sequence_parallel needs: "
+                f"round seq_length to a multiple of {tp}"
+            )
+        if self.checkpoint.save_interval is not None and self.checkpoint.save_dir is None:
+            raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults) and apply `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    return build_dataclass(Config, raw, prefix="")
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value) if value else ""
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    """Build `cls` from a nested dict, checking keys and types; errors name the key."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{key}{hint}; valid keys here: {sorted(fields)}"
+            )
+    values = {
+        key: _convert(hints[key], value, f"{prefix}{key}") for key, value in raw.items()
+    }
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(inner, item, key) for item in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{key} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (for logs and checkpoints)."""
+    return dataclasses.asdict(config)

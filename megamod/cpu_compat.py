@@ -1,0 +1,209 @@
+"""Run megatron-core 0.16.1 on CPU with gloo: neutralise its CUDA assumptions.
+
+megatron-core is written for GPUs: it asks `torch.cuda` for the current device, RNG
+states and streams, calls `Tensor.cuda()`, and allocates small bookkeeping tensors with
+`device="cuda"`. On a CPU-only torch every one of those raises. `apply()` redirects them
+to the CPU, and is called by `megamod.parallel` only when CUDA is absent, so the GPU
+path runs megatron-core untouched.
+
+Three mechanisms, each the narrowest that works:
+1. `torch.cuda` functions that cannot work without CUDA (they raise on a CPU build) are
+   replaced by CPU equivalents. Nothing that worked before changes meaning.
+2. Modules that allocate with a literal `device="cuda"` get a proxy for their global
+   name `torch` whose factory functions map that device to the CPU. Only the modules
+   listed in `_CUDA_LITERAL_MODULES` (each with the upstream spot it answers).
+3. Single upstream functions or classes that cannot be redirected are replaced (RNG
+   tracker state get/set, the torch norm wrapper under sequence parallelism).
+
+Every patch here is exercised by tests/test_cpu_compat.py or the distributed tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from typing import Any
+
+import torch
+
+_applied = False
+
+_CPU = torch.device("cpu")
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        return _CPU if device.type == "cuda" else device
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, int):  # a CUDA ordinal
+        return _CPU
+    return device
+
+
+class _CpuStream:
+    """Stand-in for `torch.cuda.Stream`: on CPU every op is synchronous."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> None:
+        return None
+
+
+def _patch_torch_cuda() -> None:
+    """Mechanism 1: the `torch.cuda` calls megatron-core makes outside CUDA kernels."""
+    cuda = torch.cuda
+    # tensor_parallel/layers.py, mappings.py, utils.py, rotary_pos_embedding.py,
+    # distributed/param_and_grad_buffer.py ...: `device=torch.cuda.current_device()`.
+    cuda.current_device = lambda: _CPU
+    # parallel_state.py (timeouts), dist_checkpointing/strategies/filesystem_async.py,
+    # distributed_data_parallel.py: `torch.cuda.synchronize()` around collectives.
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    # distributed_data_parallel.py and the MoE dispatchers create side streams.
+    cuda.Stream = _CpuStream
+    cuda.current_stream = lambda device=None: _CpuStream()
+    cuda.default_stream = lambda device=None: _CpuStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # tensor_parallel/random.py: `model_parallel_cuda_manual_seed` and the tracker's
+    # `add` seed and read "the CUDA generator": on CPU that is the default generator.
+    cuda.manual_seed = torch.manual_seed
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # models/vision/clip_vit_model.py: `torch.arange(...).cuda()` for position ids.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+class _CpuTorchProxy(types.ModuleType):
+    """Mechanism 2: `torch` as seen by a module that writes `device="cuda"` literally."""
+
+    _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        for name in self._FACTORIES:
+            setattr(self, name, self._cpu_factory(getattr(torch, name)))
+
+    @staticmethod
+    def _cpu_factory(factory: Any) -> Any:
+        def cpu_factory(*args: Any, **kwargs: Any) -> Any:
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu_device(kwargs["device"])
+            return factory(*args, **kwargs)
+
+        return cpu_factory
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+# Module -> the upstream spot with a literal `device="cuda"` that our paths reach.
+_CUDA_LITERAL_MODULES = {
+    # forward_backward_no_pipelining: `total_num_tokens = torch.zeros(..., device="cuda")`.
+    "megatron.core.pipeline_parallel.schedules": "total_num_tokens",
+    # MegatronOptimizer / FP32Optimizer: `found_inf`, `_scale_one`, `_dummy_overflow_buf`.
+    "megatron.core.optimizer.optimizer": "found_inf",
+    # get_grad_norm_fp32 / count_zeros_fp32: `total_norm_cuda`, `dummy_overflow_buf`.
+    "megatron.core.optimizer.clip_grads": "total_norm_cuda",
+    # _ParamAndGradBuffer: `torch.zeros([1], device="cuda")` warm-up tensor.
+    "megatron.core.distributed.param_and_grad_buffer": "tmp_warmup_tensor",
+    # local_multi_tensor_l2_norm (grad norm without apex/TE): `l2_cuda = torch.tensor(...)`.
+    "megatron.core.utils": "l2_cuda",
+    # get_default_causal_mask: `torch.ones(sq, sq, device="cuda")` (local attention).
+    "megatron.core.transformer.utils": "get_default_causal_mask",
+    # RerunStateMachine.validate_result / state_dict: `device='cuda'` reductions.
+    "megatron.core.rerun_state_machine": "val_tensor",
+}
+
+
+def _patch_cuda_literals() -> None:
+    proxy = _CpuTorchProxy()
+    for module_name in _CUDA_LITERAL_MODULES:
+        importlib.import_module(module_name).torch = proxy
+
+
+def _patch_rng_tracker() -> None:
+    """Mechanism 3a: tensor_parallel/random.py reads and writes CUDA generator state
+    through private helpers that index `torch.cuda.default_generators` and, on a CPU
+    build, silently queue the write with `_lazy_call` (never run): route both to the
+    CPU generator so `fork()` really switches streams of random numbers."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(
+        new_state
+    )
+
+
+def _patch_torch_norm() -> None:
+    """Mechanism 3b: transformer/torch_norm.py `WrappedTorchNorm` refuses
+    `sequence_parallel`. A per-token norm is exact on sequence-sharded input; its weights
+    only need `sequence_parallel=True` so `finalize_model_grads` all-reduces their grads
+    over the TP group (as TENorm's are)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original_new = WrappedTorchNorm.__new__
+
+    # Patch the class in place: several upstream modules imported it by name.
+    def new_allowing_sequence_parallel(cls, config, hidden_size, eps=1e-5, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls, config, hidden_size, eps, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    WrappedTorchNorm.__new__ = new_allowing_sequence_parallel
+
+
+def _patch_clip_grads() -> None:
+    """Mechanism 3c: optimizer/clip_grads.py `clip_grad_by_total_norm_fp32` asserts
+    `param.grad.type() == 'torch.cuda.FloatTensor'`. Same selection and scaling, with the
+    assertion on the dtype only. optimizer/optimizer.py imported it by name."""
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.utils import to_local_if_dtensor
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [
+            to_local_if_dtensor(getattr(p, attr)).detach()
+            for p in parameters
+            if getattr(p, attr, None) is not None
+        ]
+        assert all(g.dtype == torch.float32 for g in grads), "main grads must be fp32"
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def apply() -> None:
+    """Apply every CPU patch once. Must run before any megatron-core model is built."""
+    global _applied
+    if _applied:
+        return
+    assert not torch.cuda.is_available(), "cpu_compat is for machines without CUDA"
+    _patch_torch_cuda()
+    _patch_cuda_literals()
+    _patch_rng_tracker()
+    _patch_torch_norm()
+    _patch_clip_grads()
+    _applied = True

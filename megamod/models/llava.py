@@ -1,0 +1,139 @@
+"""LLaVA: CLIP ViT -> 2-layer MLP projector -> Llama-style decoder, from megatron-core.
+
+The three parts are megatron-core's own `CLIPViTModel`, `MultimodalProjector` and
+`GPTModel`, wired the way LLaVA-1.5 wires them: the ViT's second-to-last layer output
+(CLS dropped) is projected and written over the `<image>` placeholder tokens.
+
+Unlike megatron-core's `LLaVAModel`, which expands one `<image>` token into the patch
+count inside the model (a data-dependent sequence length), the data pipeline here
+already holds one placeholder token per patch. The sequence length stays fixed, which
+sequence parallelism and the MoD router both rely on, and truncation happens where the
+text is tokenised. Attribute names follow `LLaVAModel` (`vision_model`,
+`vision_projection`, `language_model`) so checkpoint keys line up.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megamod.config import Config
+from megamod.models import specs
+from megamod.models.transformer_configs import transformer_configs
+
+# Megatron-LM's GPT datasets mark positions without loss with a loss mask; labels there
+# are replaced by this valid id so the vocab-parallel cross entropy can index them.
+_MASKED_LABEL = 0
+
+
+def padded_vocab_size(tokenizer_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: a multiple of divisible_by x TP, so each rank's shard of
+    the embedding is equal and aligned."""
+    multiple = divisible_by * tp
+    return -(-tokenizer_size // multiple) * multiple
+
+
+class LLaVA(MegatronModule):
+    """Vision encoder + projector + decoder; `forward` returns per-token losses [b, s]."""
+
+    def __init__(self, config: Config, vocab_size: int, image_token_id: int) -> None:
+        configs = transformer_configs(config)
+        super().__init__(config=configs.language)
+        use_te = specs.transformer_engine_available()
+        vision, language = config.model.vision, config.model.language
+        self.image_token_id = image_token_id
+        self.num_patches = vision.num_patches
+        self.sequence_parallel = config.parallel.sequence_parallel
+        self.model_type = ModelType.encoder_or_decoder  # read by the schedules
+
+        self.vision_model = CLIPViTModel(
+            configs.vision,
+            specs.vision_layer_spec(use_te),
+            ln_pre_impl=specs.vision_norm(use_te),
+            add_class_token=True,
+            class_token_len=1,
+            patch_dim=vision.patch_size,
+            img_h=vision.image_size,
+            img_w=vision.image_size,
+            model_subtype="clip",
+        )
+        self.vision_projection = MultimodalProjector(
+            configs.projector,
+            specs.projector_submodules(use_te),
+            projector_type="mlp",
+            input_size=vision.hidden_size,
+        )
+        self.language_model = GPTModel(
+            configs.language,
+            specs.language_layer_spec(use_te, language.normalization),
+            vocab_size=vocab_size,
+            max_sequence_length=language.seq_length,
+            share_embeddings_and_output_weights=not language.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=language.rotary_base,
+            # Image features are merged into the full sequence first, then scattered.
+            scatter_embedding_sequence_parallel=False,
+        )
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        # Called by megatron-core's schedules; only meaningful with pipeline parallelism.
+        self.language_model.set_input_tensor(input_tensor)
+
+    def embed(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Decoder input [s, b, h]: token embeddings with image features over placeholders."""
+        embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
+        image_mask = tokens == self.image_token_id  # [b, s]
+        num_placeholders = int(image_mask.sum())
+        if num_placeholders != images.shape[0] * self.num_patches:
+            raise ValueError(
+                f"batch holds {num_placeholders} image placeholder tokens but "
+                f"{images.shape[0]} images x {self.num_patches} patches"
+            )
+        if images.shape[0] == 0:
+            return embeddings
+        features = self.vision_model(images)[:, self.vision_model.class_token_len :]
+        features = self.vision_projection(features)  # [n, patches, h]
+        merged = embeddings.transpose(0, 1).masked_scatter(
+            image_mask.unsqueeze(-1), features.to(embeddings.dtype)
+        )
+        return merged.transpose(0, 1).contiguous()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP]."""
+        decoder_input = self.embed(tokens, images)
+        if self.sequence_parallel:
+            decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        if labels is not None and loss_mask is not None:
+            labels = labels.masked_fill(~loss_mask.bool(), _MASKED_LABEL)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        return self.language_model(
+            input_ids=None,
+            position_ids=position_ids,
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=labels,
+        )
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The freezable parts, by the names `train.trainable` uses."""
+        return {
+            "vision": self.vision_model,
+            "projector": self.vision_projection,
+            "language": self.language_model,
+        }
+
+    def freeze(self, trainable: list[str]) -> None:
+        """Parts not named in `trainable` get no gradients (and so no optimizer state)."""
+        for name, part in self.parts().items():
+            part.requires_grad_(name in trainable)

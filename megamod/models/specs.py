@@ -1,0 +1,75 @@
+"""Layer specs: which megatron-core modules build each part of the model.
+
+The model builds what it is given; the choices live here. Transformer-engine modules
+when TE and a GPU are present, megatron-core's local (pure torch) modules otherwise.
+MoE and MoD layers will enter as further specs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.models.vision.vit_layer_specs import (
+    get_vit_layer_with_local_spec,
+    get_vit_layer_with_transformer_engine_spec,
+)
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+
+def transformer_engine_available() -> bool:
+    """TE kernels need a GPU; TE itself cannot even be imported without CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def language_layer_spec(use_te: bool, normalization: str) -> ModuleSpec:
+    """A Llama-style decoder layer (causal self-attention + MLP)."""
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=normalization)
+
+
+def vision_layer_spec(use_te: bool) -> ModuleSpec:
+    """A ViT layer with bidirectional attention."""
+    if use_te:
+        return get_vit_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_vit_layer_with_local_spec())
+    # Upstream's local ViT spec asks for a causal mask (its TE spec does not): a CLIP
+    # encoder attends in both directions.
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    return spec
+
+
+def vision_norm(use_te: bool) -> type:
+    """The ViT's pre-layernorm (CLIP's `pre_layrnorm`)."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return WrappedTorchNorm
+
+
+def projector_submodules(use_te: bool) -> MLPSubmodules:
+    """LLaVA's 2-layer MLP projector: column- then row-parallel linear."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)

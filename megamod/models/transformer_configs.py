@@ -1,0 +1,98 @@
+"""The one place where megamod's config becomes megatron-core `TransformerConfig`s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megamod.config import Config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TransformerConfigs:
+    vision: TransformerConfig
+    projector: TransformerConfig
+    language: TransformerConfig
+
+
+def _common(config: Config) -> dict:
+    parallel, dtype_name = config.parallel, config.precision.params_dtype
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        params_dtype=DTYPES[dtype_name],
+        pipeline_dtype=DTYPES[dtype_name],
+        bf16=dtype_name == "bf16",
+        fp16=dtype_name == "fp16",
+        init_method_std=config.model.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Loss is summed over tokens and divided by the global token count once,
+        # so DP size and micro-batch split do not change the gradient.
+        calculate_per_token_loss=True,
+        # The master weight is built whole and sliced, so TP=N starts from exactly the
+        # weights of TP=1 (and a CPU run is reproducible).
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels exist only for CUDA.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def transformer_configs(config: Config) -> TransformerConfigs:
+    vision_cfg, language_cfg = config.model.vision, config.model.language
+    common = _common(config)
+    vision = TransformerConfig(
+        num_layers=vision_cfg.num_built_layers,
+        hidden_size=vision_cfg.hidden_size,
+        ffn_hidden_size=vision_cfg.ffn_hidden_size,
+        num_attention_heads=vision_cfg.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=vision_cfg.layernorm_epsilon,
+        activation_func=quick_gelu if vision_cfg.activation == "quick_gelu" else F.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        sequence_parallel=False,  # 577 patch tokens do not split evenly over TP
+        **{**common, "bias_activation_fusion": False},
+    )
+    projector = TransformerConfig(
+        num_layers=1,
+        hidden_size=language_cfg.hidden_size,
+        ffn_hidden_size=language_cfg.hidden_size,
+        # Unused by an MLP; must only divide by TP for TransformerConfig's check.
+        num_attention_heads=config.parallel.tensor_model_parallel_size,
+        activation_func=F.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        sequence_parallel=False,
+        **common,
+    )
+    language = TransformerConfig(
+        num_layers=language_cfg.num_layers,
+        hidden_size=language_cfg.hidden_size,
+        ffn_hidden_size=language_cfg.ffn_hidden_size,
+        num_attention_heads=language_cfg.num_attention_heads,
+        num_query_groups=language_cfg.num_query_groups,
+        normalization=language_cfg.normalization,
+        layernorm_epsilon=language_cfg.layernorm_epsilon,
+        activation_func=F.silu if language_cfg.swiglu else F.gelu,
+        gated_linear_unit=language_cfg.swiglu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        sequence_parallel=config.parallel.sequence_parallel,
+        **common,
+    )
+    return TransformerConfigs(vision=vision, projector=projector, language=language)

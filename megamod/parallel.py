@@ -1,0 +1,116 @@
+"""Distributed start-up: process group, megatron-core parallel state, seeds.
+
+Works under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), under Slurm's
+`srun` (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, master = first host of
+SLURM_NODELIST) and as a single plain process. NCCL with one GPU per local rank when
+CUDA is present; gloo on CPU, after `cpu_compat` has neutralised megatron-core's CUDA
+assumptions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megamod.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[003-005,007],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def dist_env_from(environ: os._Environ | dict) -> DistEnv:
+    """Read rank and rendezvous from torchrun's variables, else Slurm's, else single."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        job_id = int(environ.get("SLURM_JOB_ID", 0))
+        return DistEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            master_addr=environ.get("MASTER_ADDR")
+            or first_slurm_host(environ.get("SLURM_NODELIST", "127.0.0.1")),
+            # A port derived from the job id lets several jobs share a node.
+            master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", 29500)))
+
+
+def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
+    """Create the default process group and megatron-core's parallel groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    env = dist_env_from(os.environ)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        backend = "nccl"
+    else:
+        from megamod import cpu_compat
+
+        cpu_compat.apply()
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=10),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+    seed_everything(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -1,0 +1,178 @@
+"""Checkpoints in megatron-core's dist_checkpointing format, written atomically.
+
+Layout (Megatron-LM's): `save_dir/iter_NNNNNNN/` plus `latest_checkpointed_iteration.txt`.
+Every rank writes its shards into a hidden temporary folder; only when all have
+finished does rank 0 rename it to `iter_NNNNNNN` and then replace the tracker file.
+A process killed mid-write leaves the temporary folder behind, never a torn
+`iter_*` named as latest; the next save removes it.
+
+Model and optimizer state are sharded tensors, so a checkpoint loads at another TP
+size. Scheduler, data position and iteration are common state (written once). RNG
+states are per rank and restored only when the parallel layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megamod.errors import CheckpointError
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_TMP_PREFIX = ".tmp_iter_"
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def read_latest_iteration(load_dir: str | Path) -> int:
+    tracker = Path(load_dir) / TRACKER_FILE
+    try:
+        text = tracker.read_text().strip()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"no checkpoint to resume: {tracker} does not exist (checkpoint.load must be a "
+            f"save_dir of an earlier run)"
+        ) from None
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} should hold an iteration number, holds {text!r}")
+    iteration = int(text)
+    if not iteration_dir(load_dir, iteration).is_dir():
+        raise CheckpointError(
+            f"{tracker} names iteration {iteration} but {iteration_dir(load_dir, iteration)} "
+            f"is missing"
+        )
+    return iteration
+
+
+def parallel_layout() -> dict[str, int]:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+        "world_size": torch.distributed.get_world_size(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_rng(state: Any) -> ShardedObject:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    data_state: dict[str, Any],
+) -> Path:
+    """Write iteration `iteration` and make it the latest, atomically. Collective."""
+    save_dir = Path(save_dir)
+    tmp_dir = save_dir / f"{_TMP_PREFIX}{iteration:07d}"
+    final_dir = iteration_dir(save_dir, iteration)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
+            shutil.rmtree(stale)
+        tmp_dir.mkdir()
+    torch.distributed.barrier()
+
+    model_state = model.sharded_state_dict()
+    state = {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state),
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "iteration": iteration,
+        "parallel": parallel_layout(),
+        "rng_state": _sharded_rng(_rng_state()),
+    }
+    dist_checkpointing.save(state, str(tmp_dir))
+    torch.distributed.barrier()
+
+    if rank == 0:
+        if final_dir.exists():  # re-saving an iteration after a resume
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+        tracker_tmp = save_dir / f".{TRACKER_FILE}.tmp"
+        with open(tracker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, save_dir / TRACKER_FILE)
+        _fsync_dir(save_dir)
+    torch.distributed.barrier()
+    return final_dir
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_model_weights(load_dir: str | Path, model: torch.nn.Module) -> int:
+    """Load only the model (`checkpoint.finetune`); any TP size. Returns the iteration."""
+    iteration = read_latest_iteration(load_dir)
+    state = dist_checkpointing.load(
+        {"model": model.sharded_state_dict()}, str(iteration_dir(load_dir, iteration))
+    )
+    model.load_state_dict(state["model"])
+    return iteration
+
+
+def load_checkpoint(
+    load_dir: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[int, dict[str, Any]]:
+    """Resume everything; returns (iteration, data state). Collective."""
+    iteration = read_latest_iteration(load_dir)
+    ckpt_dir = str(iteration_dir(load_dir, iteration))
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    same_layout = common["parallel"] == parallel_layout()
+
+    model_state = model.sharded_state_dict()
+    sharded = {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True),
+    }
+    if same_layout:
+        sharded["rng_state"] = _sharded_rng(None)
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng_state(state["rng_state"])
+    return iteration, common["data"]

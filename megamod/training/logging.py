@@ -1,0 +1,53 @@
+"""Training metrics: TensorBoard scalars and a one-line console log, rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from megamod.parallel import is_rank_zero
+
+logger = logging.getLogger("megamod")
+
+
+def setup_console_logging() -> None:
+    """Rank 0 logs INFO to stdout; other ranks only warnings, prefixed with their rank."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+class MetricsLogger:
+    """Writes `train/...` scalars to TensorBoard and one console line per interval."""
+
+    def __init__(self, tensorboard_dir: str | None, log_interval: int) -> None:
+        self.log_interval = log_interval
+        self.writer = None
+        if tensorboard_dir is not None and is_rank_zero():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+
+    def log(self, iteration: int, scalars: dict[str, float], force: bool = False) -> None:
+        if not (force or iteration % self.log_interval == 0):
+            return
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+            self.writer.flush()
+        logger.info(json.dumps({"iteration": iteration, **_rounded(scalars)}))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _rounded(scalars: dict[str, Any]) -> dict[str, Any]:
+    return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in scalars.items()}

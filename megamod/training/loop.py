@@ -1,0 +1,201 @@
+"""The training loop: get batch -> forward/backward -> optimizer step -> log -> checkpoint.
+
+`train(config)` runs one job start to end on every rank. Forward/backward over the
+micro-batches of a step is megatron-core's schedule (`get_forward_backward_func`), which
+also runs `finalize_model_grads` (DP all-reduce, SP norm grads, division by the global
+number of loss tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megamod.config import Config
+from megamod.data.loader import TrainLoader, load_llava_json_samples
+from megamod.data.tiny import write_tiny_dataset
+from megamod.data.tokenizer import Tokenizer, load_tokenizer
+from megamod.errors import ConfigError
+from megamod.models.llava import LLaVA, padded_vocab_size
+from megamod.training import checkpoint
+from megamod.training.logging import MetricsLogger
+from megamod.training.optimizer import build_optimizer, build_scheduler, wrap_model
+
+logger = logging.getLogger("megamod")
+
+
+@dataclass
+class TrainState:
+    """What one job builds once and the loop then drives."""
+
+    config: Config
+    model: Any  # megatron-core DistributedDataParallel around LLaVA
+    optimizer: Any
+    scheduler: Any
+    loader: TrainLoader
+    iteration: int = 0
+
+
+def build_model(config: Config, tokenizer: Tokenizer) -> LLaVA:
+    language = config.model.language
+    vocab_size = language.vocab_size or padded_vocab_size(
+        tokenizer.vocab_size,
+        language.make_vocab_size_divisible_by,
+        config.parallel.tensor_model_parallel_size,
+    )
+    if vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.language.vocab_size={vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens: raise it or leave it unset"
+        )
+    model = LLaVA(config, vocab_size=vocab_size, image_token_id=tokenizer.image_token_id)
+    model.freeze(config.train.trainable)
+    return model
+
+
+def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
+    data = config.data
+    if data.train_data == "tiny":
+        json_path = write_tiny_dataset(Path.home() / ".cache" / "megamod" / "tiny")
+        image_folder = json_path.parent
+    else:
+        json_path = Path(data.train_data)
+        image_folder = Path(data.image_folder or json_path.parent)
+    samples = load_llava_json_samples(json_path, image_folder, config, tokenizer)
+    return TrainLoader(
+        samples,
+        global_batch_size=config.train.global_batch_size,
+        micro_batch_size=config.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        seed=data.seed,
+    )
+
+
+def check_batch_split(config: Config) -> None:
+    train, dp = config.train, parallel_state.get_data_parallel_world_size()
+    if train.global_batch_size % (train.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}"
+        )
+
+
+def setup(config: Config) -> TrainState:
+    """Model, optimizer, schedule and data, resumed from `checkpoint.load` if set."""
+    check_batch_split(config)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = build_model(config, tokenizer)
+    ddp_model = wrap_model(config, model)
+    optimizer = build_optimizer(config, ddp_model)
+    scheduler = build_scheduler(config, optimizer)
+    loader = build_loader(config, tokenizer)
+    state = TrainState(config, ddp_model, optimizer, scheduler, loader)
+    ckpt = config.checkpoint
+    if ckpt.load is not None and ckpt.finetune:
+        checkpoint.load_model_weights(ckpt.load, model)
+        logger.info(f"loaded model weights from {ckpt.load} (finetune: fresh optimizer and data)")
+    elif ckpt.load is not None:
+        state.iteration, data_state = checkpoint.load_checkpoint(
+            ckpt.load, model, optimizer, scheduler
+        )
+        loader.load_state_dict(data_state)
+        logger.info(f"resumed from {ckpt.load} at iteration {state.iteration}")
+    # The schedule calls these at the right moments of every step.
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp_model.no_sync
+    return state
+
+
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple:
+    """Sum of the token losses and their count; the schedule divides by the global count."""
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple:
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["images"], batch["labels"], batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics."""
+    model, optimizer, config = state.model, state.optimizer, state.config
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    language = config.model.language
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([_to_device(b) for b in micro_batches]),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=language.seq_length,
+        micro_batch_size=config.train.micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        state.scheduler.step(increment=1)
+    # Global mean token loss: sum and count over micro-batches and DP ranks.
+    totals = torch.stack([r["lm loss"] for r in reports]).sum(0)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return {
+        "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "loss_tokens": totals[1].item(),
+    }
+
+
+def train(config: Config) -> list[float]:
+    """Train to `train.train_iters`; returns the loss of every step this run took."""
+    state = setup(config)
+    ckpt, train_cfg = config.checkpoint, config.train
+    metrics = MetricsLogger(config.logging.tensorboard_dir, config.logging.log_interval)
+    tokens_per_step = train_cfg.global_batch_size * config.model.language.seq_length
+    losses = []
+    while state.iteration < train_cfg.train_iters:
+        start = time.perf_counter()
+        micro_batches = state.loader.next_step()
+        step = train_step(state, micro_batches)
+        state.iteration += 1
+        step_time = time.perf_counter() - start
+        losses.append(step["train/loss"])
+        scalars = {
+            "train/loss": step["train/loss"],
+            "train/lr": step["train/lr"],
+            "train/grad_norm": step["train/grad_norm"],
+            "train/step_time": step_time,
+            "train/tokens_per_sec": tokens_per_step / step_time,
+        }
+        if torch.cuda.is_available():
+            scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics.log(state.iteration, scalars)
+        last = state.iteration == train_cfg.train_iters
+        interval = ckpt.save_interval
+        if ckpt.save_dir and (last or (interval and state.iteration % interval == 0)):
+            path = checkpoint.save_checkpoint(
+                ckpt.save_dir, state.iteration, state.model.module, state.optimizer,
+                state.scheduler, state.loader.state_dict(),
+            )
+            logger.info(f"saved checkpoint {path}")
+    metrics.close()
+    return losses

@@ -1,0 +1,66 @@
+"""Model wrapping, optimizer and LR schedule, all megatron-core's own.
+
+The model is wrapped in megatron-core's `DistributedDataParallel` (contiguous fp32 grad
+buffers, DP all-reduce), the optimizer comes from `get_megatron_optimizer` (fp32 main
+params for bf16/fp16, grad clipping, optional distributed optimizer) and the schedule
+is `OptimizerParamScheduler` (linear warmup, then cosine/linear decay to min_lr).
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megamod.config import Config
+from megamod.models.llava import LLaVA
+from megamod.models.transformer_configs import DTYPES
+
+
+def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=config.stability.check_for_nan_in_loss_and_grad,
+    )
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def build_optimizer(config: Config, model: DistributedDataParallel) -> MegatronOptimizer:
+    train, dtype = config.train, config.precision.params_dtype
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        params_dtype=DTYPES[dtype],
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(optimizer_config, [model])
+
+
+def build_scheduler(config: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
+    train = config.train
+    warmup = math.ceil(train.lr_warmup_fraction * train.train_iters)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=train.train_iters,
+        lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.train_iters,
+        wd_incr_style="constant",
+    )

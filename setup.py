@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megamod",
+    version="0.1.0",
+    description="Distributed training of LLaVA-style multimodal LLMs (MoE, MoD) on megatron-core",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["megamod", "megamod.*"]),
+    package_data={"megamod.data": ["assets/*.json"]},
+    install_requires=[
+        # torch: install the build for your machine first (CPU: torch==2.13.0); any
+        # 2.x that megatron-core accepts works, so pip never swaps the one you chose.
+        "torch>=2.6,<3",
+        "megatron-core==0.16.1",
+        "psutil",  # megatron-core's dist_checkpointing imports it without declaring it
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "tensorboard",
+        "webdataset",
+        "tokenizers",
+        "transformers",
+        "scikit-image",  # the bundled tiny data set's real images
+        "tqdm",
+        "einops",
+    ],
+    extras_require={
+        "test": ["pytest", "nvidia-dali-cuda120"],
+        "gpu": ["nvidia-dali-cuda120", "transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["megamod=megamod.__main__:main"]},
+)
