@@ -136,32 +136,36 @@ def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches; returns the step's metrics."""
-    model, optimizer, config = state.model, state.optimizer, state.config
+def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:
+    """Gradients of one step into the DDP grad buffers (already divided by the global
+    loss-token count). Returns [loss sum, loss tokens] over micro-batches and DP ranks."""
+    model, config = state.model, state.config
     model.zero_grad_buffer()
-    optimizer.zero_grad()
-    language = config.model.language
+    state.optimizer.zero_grad()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter([_to_device(b) for b in micro_batches]),
         model=[model],
         num_microbatches=len(micro_batches),
-        seq_length=language.seq_length,
+        seq_length=config.model.language.seq_length,
         micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        state.scheduler.step(increment=1)
-    # Global mean token loss: sum and count over micro-batches and DP ranks.
     totals = torch.stack([r["lm loss"] for r in reports]).sum(0)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return totals
+
+
+def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics."""
+    totals = forward_backward(state, micro_batches)
+    update_successful, grad_norm, _ = state.optimizer.step()
+    if update_successful:
+        state.scheduler.step(increment=1)
     return {
         "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "train/lr": optimizer.param_groups[0]["lr"],
-        "loss_tokens": totals[1].item(),
+        "train/lr": state.optimizer.param_groups[0]["lr"],
     }
 
 

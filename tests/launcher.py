@@ -1,0 +1,58 @@
+"""The one way tests start processes: torchrun or the CLI, with a timeout and the log kept.
+
+A launch costs ~10 s of imports on 2 cores, so each launch runs many checks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
+
+
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update(extra or {})
+    return env
+
+
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    # --standalone: a private rendezvous on a free port, so launches never collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *args]
+
+
+def run(
+    cmd: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command; on failure the assertion message carries the end of its output."""
+    return subprocess.run(
+        cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, result.args))} exited {result.returncode}\n"
+        f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    )
+    return result
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return check(run(torchrun_command(nproc, args), cwd, timeout))
+
+
+def megamod_train(
+    nproc: int, overrides: list[str], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`torchrun -m megamod train tiny.yaml overrides...`, as a user runs it."""
+    args = ["-m", "megamod", "train", str(TINY_CONFIG), *overrides]
+    return torchrun(nproc, args, cwd, timeout)

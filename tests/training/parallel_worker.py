@@ -1,0 +1,100 @@
+"""Runs under torchrun for the parallelism tests; writes tensors for pytest to compare.
+
+  parallel_worker.py grads OUT_DIR          loss and full (TP-gathered) gradients of one
+                                            step, for each layout this world size allows
+  parallel_worker.py logits OUT_DIR CKPT    logits of a fixed batch after loading CKPT's
+                                            model weights, at TP=world size then TP=1
+
+One process group per launch; megatron-core's parallel state is rebuilt per layout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megamod.config import load_config
+from megamod.parallel import init_distributed
+from megamod.training import checkpoint
+from megamod.training.loop import forward_backward, setup
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_OVERRIDES = ["train.micro_batch_size=1", "train.global_batch_size=4", "checkpoint.save_dir=null", "checkpoint.save_interval=null",
+                  "logging.tensorboard_dir=null"]
+
+
+def layouts(world_size: int) -> list[tuple[int, bool]]:
+    """(TP, SP) pairs to run; DP = world_size / TP."""
+    return [(1, False)] if world_size == 1 else [(2, True), (1, False)]
+
+
+def start(tp: int, sp: bool, extra: list[str] = ()):
+    config = load_config(
+        REPO / "examples/configs/tiny.yaml",
+        BASE_OVERRIDES
+        + [f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={sp}"]
+        + list(extra),
+    )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    init_distributed(config.parallel, config.train.seed)
+    return config
+
+
+def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (or its grad), strides respected."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return tensor
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(tensor) for _ in range(group.size())]
+    torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    # A rank's shard holds `stride` chunks (e.g. SwiGLU's gate and up rows): interleave.
+    chunks = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([c[s] for s in range(stride) for c in chunks], dim=dim)
+
+
+def grads(out_dir: Path) -> None:
+    world = int(os.environ["WORLD_SIZE"])
+    for tp, sp in layouts(world):
+        config = start(tp, sp)
+        state = setup(config)
+        totals = forward_backward(state, state.loader.next_step())
+        result = {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(), "grads": {}}
+        for name, param in state.model.module.named_parameters():
+            if param.requires_grad:
+                result["grads"][name] = gather_tp(param.main_grad, param)
+        if torch.distributed.get_rank() == 0:
+            dp = world // tp
+            torch.save(result, out_dir / f"grads_tp{tp}_sp{int(sp)}_dp{dp}.pt")
+
+
+def logits(out_dir: Path, ckpt_dir: Path) -> None:
+    world = int(os.environ["WORLD_SIZE"])
+    for tp in sorted({world, 1}, reverse=True):
+        config = start(tp, tp > 1)
+        state = setup(config)
+        model = state.model.module
+        checkpoint.load_model_weights(ckpt_dir, model)
+        batch = state.loader.next_step()[0]
+        model.eval()
+        with torch.no_grad():
+            shard = model(batch["tokens"], batch["images"])  # [b, s, v / TP]
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(shard) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, shard.contiguous(), group=group)
+        if torch.distributed.get_rank() == 0:
+            torch.save(torch.cat(parts, dim=-1), out_dir / f"logits_tp{tp}.pt")
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "grads":
+        grads(out)
+    else:
+        logits(out, Path(sys.argv[3]))
+    torch.distributed.barrier()
