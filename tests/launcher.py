@@ -6,6 +6,7 @@ A launch costs ~10 s of imports on 2 cores, so each launch runs many checks.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
 
 
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONWARNINGS"] = "ignore"
-    env.update(extra or {})
-    return env
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(extra: dict[str, str] | None) -> dict[str, str]:
+    result = dict(os.environ)
+    result["PYTHONPATH"] = f"{REPO}{os.pathsep}{result.get('PYTHONPATH', '')}"
+    result.setdefault("OMP_NUM_THREADS", "1")
+    result["PYTHONWARNINGS"] = "ignore"
+    result.update(extra or {})
+    return result
 
 
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
@@ -30,11 +37,11 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
 
 
 def run(
-    cmd: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+    cmd: list[str], cwd: Path, timeout: float = 300, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run a command; on failure the assertion message carries the end of its output."""
     return subprocess.run(
-        cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout
+        cmd, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout
     )
 
 

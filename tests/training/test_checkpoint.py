@@ -1,0 +1,115 @@
+"""Checkpoints through the CLI: exact resume, TP=2 -> TP=1 resharding, torn writes.
+
+Run A trains 10 steps at TP=2 + SP, saving every 5. Run B resumes from A's iteration-5
+checkpoint (copied to a fresh save_dir, as if A had been stopped there) and must
+reproduce A's losses at steps 6..10 exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, megamod_train, torchrun
+
+WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
+TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+
+
+def step_losses(stdout: str) -> dict[int, float]:
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {r["iteration"]: r["train/loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run_a")
+    result = megamod_train(
+        2, TP2_SP + ["train.train_iters=10", "checkpoint.save_interval=5",
+                     f"checkpoint.save_dir={root}/ckpt", f"logging.tensorboard_dir={root}/tb"],
+        cwd=root,
+    )
+    (root / "stdout.txt").write_text(result.stdout)
+    return root
+
+
+def test_checkpoint_layout(run_a):
+    ckpt = run_a / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
+    for it in (5, 10):
+        assert (ckpt / f"iter_{it:07d}" / "metadata.json").is_file()
+    assert not list(ckpt.glob(".tmp*")), "temporary folders must be renamed away"
+
+
+def test_tensorboard_scalars(run_a):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_a / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/step_time"):
+        assert tag in tags
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, 11))
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx(list(step_losses((run_a / "stdout.txt").read_text()).values()), rel=1e-5)
+    assert losses[-1] < losses[0] - 0.5, "the loss should clearly fall"
+
+
+def test_resume_reproduces_uninterrupted_run(run_a, tmp_path):
+    resume_dir = tmp_path / "ckpt"
+    resume_dir.mkdir()
+    shutil.copytree(run_a / "ckpt" / "iter_0000005", resume_dir / "iter_0000005")
+    (resume_dir / "latest_checkpointed_iteration.txt").write_text("5\n")
+    result = megamod_train(
+        2, TP2_SP + ["train.train_iters=10", f"checkpoint.load={resume_dir}",
+                     f"checkpoint.save_dir={resume_dir}", "logging.tensorboard_dir=null"],
+        cwd=tmp_path,
+    )
+    uninterrupted = step_losses((run_a / "stdout.txt").read_text())
+    resumed = step_losses(result.stdout)
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    for it, loss in resumed.items():
+        assert loss == pytest.approx(uninterrupted[it], abs=1e-6), f"step {it}"
+
+
+def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
+    torchrun(2, [WORKER, "logits", str(tmp_path), str(run_a / "ckpt")], cwd=tmp_path)
+    tp2, tp1 = torch.load(tmp_path / "logits_tp2.pt"), torch.load(tmp_path / "logits_tp1.pt")
+    assert tp2.shape == tp1.shape and tp2.abs().sum() > 0
+    torch.testing.assert_close(tp1, tp2, atol=1e-5, rtol=1e-5)
+
+
+def test_kill_during_checkpoint_write_keeps_previous_latest(tmp_path):
+    save_dir = tmp_path / "ckpt"
+    overrides = ["train.train_iters=4", "checkpoint.save_interval=2",
+                 f"checkpoint.save_dir={save_dir}", "logging.tensorboard_dir=null"]
+    # A plain single process (no torchrun, whose workers live in their own session), so
+    # the kill reaches the trainer and its checkpoint-writer children at once.
+    cmd = [sys.executable, "-m", "megamod", "train", str(TINY_CONFIG), *overrides]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env({"MASTER_PORT": str(free_port())}),
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    torn = save_dir / ".tmp_iter_0000004"
+    deadline = time.time() + 240
+    while not torn.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-write of iteration 4
+    proc.wait()
+    assert torn.exists(), "the second checkpoint write was never caught in progress"
+    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert not (save_dir / "iter_0000004").exists()
+
+    # A resumed run takes iteration 2, finishes, and clears the torn folder away.
+    result = megamod_train(1, overrides + [f"checkpoint.load={save_dir}"], cwd=tmp_path)
+    assert sorted(step_losses(result.stdout)) == [3, 4]
+    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not torn.exists()
