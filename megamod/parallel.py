@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megamod.config import ParallelConfig
+from megamod.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,14 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     from megatron.core import parallel_state, tensor_parallel
 
     env = dist_env_from(os.environ)
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if env.world_size % model_parallel or env.world_size % parallel.expert_model_parallel_size:
+        raise ConfigError(
+            f"{env.world_size} processes cannot be split into tensor_model_parallel_size="
+            f"{parallel.tensor_model_parallel_size} x pipeline_model_parallel_size="
+            f"{parallel.pipeline_model_parallel_size} groups (or expert_model_parallel_size="
+            f"{parallel.expert_model_parallel_size}): change parallel.* or the process count"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         backend = "nccl"

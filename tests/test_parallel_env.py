@@ -1,0 +1,36 @@
+"""Where a process sits in the job, read from torchrun's or Slurm's environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from megamod.parallel import dist_env_from, first_slurm_host
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("node1", "node1"), ("gpu[003-005,007]", "gpu003"), ("gpu[12,15]", "gpu12"),
+     ("a1,b2", "a1"), ("h100-[0001-0004]", "h100-0001")],
+)
+def test_first_slurm_host(nodelist, host):
+    assert first_slurm_host(nodelist) == host
+
+
+def test_torchrun_env_wins():
+    env = dist_env_from({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                         "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "SLURM_PROCID": "0",
+                         "SLURM_NTASKS": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
+        3, 8, 1, "10.0.0.1", 1234)
+
+
+def test_slurm_env():
+    env = dist_env_from({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                         "SLURM_NODELIST": "gpu[010-013]", "SLURM_JOB_ID": "123456"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 16, 1, "gpu010")
+    assert env.master_port == 20000 + 123456 % 20000
+
+
+def test_single_process_default():
+    env = dist_env_from({})
+    assert (env.rank, env.world_size, env.local_rank) == (0, 1, 0)
