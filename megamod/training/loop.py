@@ -28,6 +28,7 @@ from megamod.errors import ConfigError
 from megamod.models.llava import LLaVA, padded_vocab_size
 from megamod.training import checkpoint
 from megamod.training.logging import MetricsLogger
+from megamod.training.precision import check_precision_supported
 from megamod.training.optimizer import build_optimizer, build_scheduler, wrap_model
 
 logger = logging.getLogger("megamod")
@@ -93,6 +94,7 @@ def check_batch_split(config: Config) -> None:
 def setup(config: Config) -> TrainState:
     """Model, optimizer, schedule and data, resumed from `checkpoint.load` if set."""
     check_batch_split(config)
+    check_precision_supported(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer)
     ddp_model = wrap_model(config, model)
@@ -159,13 +161,14 @@ def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tens
 def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; returns the step's metrics."""
     totals = forward_backward(state, micro_batches)
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
     update_successful, grad_norm, _ = state.optimizer.step()
     if update_successful:
         state.scheduler.step(increment=1)
     return {
         "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "train/lr": state.optimizer.param_groups[0]["lr"],
+        "train/lr": lr,
     }
 
 

@@ -1,0 +1,57 @@
+"""Freezing per training stage: frozen parts get no gradients and no optimizer state.
+
+Runs in this process as a world of one (gloo), through the real setup() and train_step().
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megamod.config import load_config
+from megamod.errors import ConfigError
+from megamod.parallel import init_distributed
+from tests.launcher import TINY_CONFIG, free_port
+
+STAGE1 = ["train.trainable=[projector]", "checkpoint.save_dir=null",
+          "checkpoint.save_interval=null", "logging.tensorboard_dir=null",
+          "train.global_batch_size=4", "train.micro_batch_size=2",
+          "train.lr_warmup_fraction=0"]  # warmup's first step has lr 0
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    config = load_config(TINY_CONFIG, STAGE1)
+    init_distributed(config.parallel, config.train.seed)
+    yield config
+    from megamod.parallel import destroy_distributed
+
+    destroy_distributed()
+
+
+def test_stage1_trains_only_the_projector(world_of_one):
+    from megamod.training.loop import setup, train_step
+
+    state = setup(world_of_one)
+    llava = state.model.module
+    trainable = {id(p) for p in llava.vision_projection.parameters()}
+    optimized = [p for group in state.optimizer.param_groups for p in group["params"]]
+    assert optimized and {id(p) for p in optimized} == trainable
+
+    before = {name: p.detach().clone() for name, p in llava.named_parameters()}
+    train_step(state, state.loader.next_step())
+    changed = {name for name, p in llava.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {n for n, _ in llava.named_parameters() if n.startswith("vision_projection.")}
+    assert all(not p.requires_grad for p in llava.vision_model.parameters())
+    assert all(not p.requires_grad for p in llava.language_model.parameters())
+
+
+def test_bf16_on_cpu_is_refused_with_the_key(world_of_one):
+    from megamod.training.loop import setup
+
+    config = load_config(TINY_CONFIG, STAGE1 + ["precision.params_dtype=bf16"])
+    with pytest.raises(ConfigError, match="precision.params_dtype"):
+        setup(config)
