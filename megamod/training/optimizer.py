@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megamod.config import Config
+from megamod.errors import ConfigError
 from megamod.models.llava import LLaVA
 from megamod.models.transformer_configs import DTYPES
 
@@ -31,6 +34,11 @@ def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:
 
 def build_optimizer(config: Config, model: DistributedDataParallel) -> MegatronOptimizer:
     train, dtype = config.train, config.precision.params_dtype
+    if config.parallel.use_distributed_optimizer and not torch.cuda.is_available():
+        # distrib_optimizer.py only accepts torch.cuda.*Tensor params.
+        raise ConfigError(
+            "parallel.use_distributed_optimizer=true needs GPUs: set it to false on CPU"
+        )
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,

@@ -2,8 +2,9 @@
 
   parallel_worker.py grads OUT_DIR          loss and full (TP-gathered) gradients of one
                                             step, for each layout this world size allows
-  parallel_worker.py logits OUT_DIR CKPT    logits of a fixed batch after loading CKPT's
-                                            model weights, at TP=world size then TP=1
+  parallel_worker.py logits OUT_DIR CKPT    logits of a fixed batch after loading CKPT:
+                                            its model weights at TP=world size, then all
+                                            of it (optimizer too) at TP=1
 
 One process group per launch; megatron-core's parallel state is rebuilt per layout.
 """
@@ -79,7 +80,10 @@ def logits(out_dir: Path, ckpt_dir: Path) -> None:
         config = start(tp, tp > 1)
         state = setup(config)
         model = state.model.module
-        checkpoint.load_model_weights(ckpt_dir, model)
+        if tp == 1:  # a full resume (optimizer, schedule, data) across the TP change
+            checkpoint.load_checkpoint(ckpt_dir, model, state.optimizer, state.scheduler)
+        else:
+            checkpoint.load_model_weights(ckpt_dir, model)
         batch = state.loader.next_step()[0]
         model.eval()
         with torch.no_grad():

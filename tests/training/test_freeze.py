@@ -49,9 +49,11 @@ def test_stage1_trains_only_the_projector(world_of_one):
     assert all(not p.requires_grad for p in llava.language_model.parameters())
 
 
-def test_bf16_on_cpu_is_refused_with_the_key(world_of_one):
+@pytest.mark.parametrize("override", ["precision.params_dtype=bf16",
+                                      "parallel.use_distributed_optimizer=true"])
+def test_gpu_only_features_are_refused_on_cpu_with_the_key(world_of_one, override):
     from megamod.training.loop import setup
 
-    config = load_config(TINY_CONFIG, STAGE1 + ["precision.params_dtype=bf16"])
-    with pytest.raises(ConfigError, match="precision.params_dtype"):
+    config = load_config(TINY_CONFIG, STAGE1 + [override])
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
         setup(config)
