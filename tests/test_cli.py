@@ -1,0 +1,34 @@
+"""The `megamod` command's dispatch, as a user types it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.data.fixtures import make_llava
+from tests.launcher import run
+
+
+def test_build_shards_through_python_m_megamod(tmp_path):
+    fixture = make_llava(tmp_path / "src")
+    out = tmp_path / "shards"
+    result = run([sys.executable, "-m", "megamod", "build-shards", "--format", "llava",
+                  "--annotations", str(fixture.annotations), "--images", str(fixture.images),
+                  "--output", str(out), "--workers", "0"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == len(fixture.expected)
+    assert manifest["skipped"] == fixture.skipped
+
+
+def test_unreadable_annotations_exit_2_naming_the_file(tmp_path):
+    missing = tmp_path / "blip_laion_cc_sbu_558k.json"
+    result = run([sys.executable, "-m", "megamod", "build-shards", "--format", "llava",
+                  "--annotations", str(missing), "--images", str(tmp_path),
+                  "--output", str(tmp_path / "out")], cwd=tmp_path)
+    assert result.returncode == 2 and missing.name in result.stderr
+
+
+def test_unknown_command_exits_2_with_usage(tmp_path):
+    result = run([sys.executable, "-m", "megamod", "fly"], cwd=tmp_path)
+    assert result.returncode == 2 and "usage: megamod" in result.stderr
