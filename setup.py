@@ -18,6 +18,7 @@ setup(
         "pillow",
         "tensorboard",
         "webdataset",
+        "braceexpand",  # data.train_shards brace patterns
         "tokenizers",
         "transformers",
         "scikit-image",  # the bundled tiny data set's real images

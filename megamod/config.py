@@ -138,17 +138,56 @@ class ParallelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of `data.mixture`: its shards (as `data.train_shards`) and its weight."""
+
+    shards: str = ""
+    # Relative share of the sample stream (weights need not sum to 1).
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    # "tiny": the bundled data set (real images from scikit-image); else a LLaVA JSON.
-    train_data: str = "tiny"
-    # Folder that image paths in train_data are relative to (ignored for "tiny").
-    image_folder: Optional[str] = None
+    # Shards made by `megamod build-shards`: a directory holding manifest.json, a glob of
+    # .tar files (`dir/*.tar`), or a brace pattern (`dir/name-{000000..000009}.tar`).
+    # "tiny": the bundled data set, built into shards on first use.
+    train_shards: str = "tiny"
+    # Several sources drawn in proportion to their weights (e.g. stage 2's MIMIC-IT + LRV
+    # + SViT + LVIS); replaces train_shards, which must then be left at "tiny".
+    mixture: list[MixtureSource] = field(default_factory=list)
     # "tiny" or a local Hugging Face tokenizer directory.
     tokenizer: str = "tiny"
     conversation_template: Literal["plain", "vicuna_v1", "llama3"] = "plain"
     image_aspect_ratio: Literal["pad", "resize"] = "pad"
+    # "auto": NVIDIA DALI when installed (GPU decode with a GPU, else CPU), else Pillow.
+    image_decoder: Literal["auto", "dali", "python"] = "auto"
+    # Threads reading shards and decoding images (DALI's num_threads, or Pillow's pool).
+    num_workers: int = 4
+    # Steps prepared ahead in a background thread; 0 prepares each step when asked.
+    prefetch_steps: int = 2
+    # Unusable samples (corrupt image, invalid conversation) are replaced and counted;
+    # above this fraction of the samples read the run stops with a DataError.
+    max_skip_fraction: float = 0.01
     # Reshuffle every epoch from this seed (the data position is checkpointed).
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.mixture and self.train_shards != "tiny":
+            raise ConfigError(
+                f"data.train_shards={self.train_shards!r} and data.mixture are both set: "
+                "put the shards in data.mixture (one source per data set) and drop train_shards"
+            )
+        for i, source in enumerate(self.mixture):
+            if not source.shards:
+                raise ConfigError(f"data.mixture[{i}].shards is empty: give a shard directory, glob or brace pattern")
+            if not 0 < source.weight < float("inf"):
+                raise ConfigError(f"data.mixture[{i}].weight={source.weight} must be a positive number")
+        if self.num_workers < 1:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 1")
+        if self.prefetch_steps < 0:
+            raise ConfigError(f"data.prefetch_steps={self.prefetch_steps} must be >= 0")
+        if not 0 <= self.max_skip_fraction < 1:
+            raise ConfigError(f"data.max_skip_fraction={self.max_skip_fraction} must be in [0, 1)")
 
 
 @dataclass
@@ -330,7 +369,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_convert(inner, item, key) for item in value]
+        return [_convert(inner, item, f"{key}[{i}]") for i, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # PyYAML reads "1e-4" as a string

@@ -1,124 +1,412 @@
-"""Micro-batches for the training loop: the loader interface and its in-memory version.
+"""Micro-batches for the training loop, read from WebDataset shards in a global, resumable order.
 
-`TrainLoader.next_step()` returns this data-parallel rank's micro-batches for one
-optimizer step; `state_dict()` is the exact data position, saved in checkpoints.
-Ordering: the global sample stream is a fresh permutation of the data set per epoch
-(seeded by `data.seed` and the epoch); a step consumes the next `global_batch_size`
-samples of it, DP rank r taking the r-th contiguous slice. TP ranks of one DP group
-build identical batches (same stream, same slice), so nothing needs broadcasting.
+`build_train_loader(config, tokenizer, dp_rank, dp_size).next_step()` returns this
+data-parallel rank's micro-batches for one optimizer step:
+`{"tokens", "labels" (shifted, IGNORE_INDEX where no loss), "loss_mask", "images"}`, the
+images `[n, 3, S, S]` in the order of their `<image>` runs, sample by sample.
+
+Order (`megamod.data.reader.SampleOrder`): one global stream of sample positions over all
+sources, seeded by `data.seed`; a step consumes the next `global_batch_size` positions and
+DP rank r takes the r-th contiguous slice, so the order does not depend on the DP size and
+TP/EP ranks of one DP group build identical batches with nothing broadcast. `state_dict()`
+is the position (`consumed_samples`): a resumed run sees exactly the samples an
+uninterrupted one would.
+
+Per step: the members of each sample are read in a thread pool (`data.num_workers`), the
+json is parsed and tokenised (`encode_conversation`) here, and all the step's images are
+decoded and CLIP-preprocessed in one batch: by DALI (`megamod.data.dali`) when installed,
+else by Pillow (`megamod.data.preprocess`) in the pool. A background thread prepares
+`data.prefetch_steps` steps ahead; `last_wait` is how long the latest `next_step()`
+blocked, for `data/wait_fraction`.
+
+Bad samples (an image no decoder reads, a conversation `encode_conversation` rejects, no
+trained token left after truncation) are replaced by the source's next draws, so shapes
+and resumption stay exact; each is logged once with its shard and key and counted in
+`skipped_samples`. Above `data.max_skip_fraction` of the samples read, a DataError stops
+the run.
 """
 
 from __future__ import annotations
 
+import fcntl
+import io
+import itertools
 import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from megamod.config import Config
-from megamod.data.conversation import IGNORE_INDEX, encode_conversation
+from megamod.data.conversation import IGNORE_INDEX, EncodedSample, encode_conversation
 from megamod.data.preprocess import preprocess_image
+from megamod.data.reader import TINY_CACHE_DIR, RawSample, SampleOrder, Source, open_source
+from megamod.data.shards import build_shards
+from megamod.data.tiny import write_tiny_dataset
 from megamod.data.tokenizer import Tokenizer
-from megamod.errors import DataError
+from megamod.errors import ConfigError, DataError
+
+logger = logging.getLogger("megamod")
+
+MAX_REPLACEMENTS = 100  # unusable draws in a row for one position before giving up
+
+# Decoders map (member name, encoded bytes) pairs to float32 [n, 3, S, S] and {index: error}.
+ImageDecoder = Callable[[Sequence[tuple[str, bytes]]], tuple[np.ndarray, dict[int, str]]]
 
 
-@dataclass
-class Sample:
-    """One tokenised sample with its preprocessed images."""
+def prepare_tiny_shards(cache_dir: Path = TINY_CACHE_DIR) -> Path:
+    """Writes the bundled tiny data set and builds its shards under `cache_dir`; returns
+    the shard folder. Idempotent: an up-to-date build is reused (the builder's resume).
+    Concurrent callers (one per node, a shared home) take turns on a lock file; readers
+    must wait for it (one call per node, then a barrier)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        json_path = write_tiny_dataset(cache_dir / "src")
+        out = cache_dir / "shards"
+        build_shards("llava", json_path, json_path.parent, out, name="tiny", shard_size=16, workers=0, progress=False)
+    return out
 
-    tokens: np.ndarray  # int64 [seq_length]
-    labels: np.ndarray  # int64 [seq_length], shifted, IGNORE_INDEX where no loss
-    images: np.ndarray  # float32 [num_images, 3, H, W]
+
+class PythonImageDecoder:
+    """The DALI-free path: Pillow decode + `preprocess_image`, one image per pool task."""
+
+    def __init__(self, image_size: int, aspect: str, pool: ThreadPoolExecutor):
+        self.image_size, self.aspect, self._pool = image_size, aspect, pool
+
+    def _one(self, data: bytes) -> np.ndarray | str:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return preprocess_image(image, self.image_size, self.aspect)
+        except UnidentifiedImageError:
+            return "not an image format Pillow knows"
+        except Exception as e:  # Pillow signals corrupt data with many types
+            return f"{type(e).__name__}: {e}"
+
+    def __call__(self, images: Sequence[tuple[str, bytes]]) -> tuple[np.ndarray, dict[int, str]]:
+        pixels = np.zeros((len(images), 3, self.image_size, self.image_size), dtype=np.float32)
+        errors = {}
+        for i, result in enumerate(self._pool.map(self._one, [data for _, data in images])):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                pixels[i] = result
+        return pixels, errors
 
 
-def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
-    labels = torch.from_numpy(np.stack([s.labels for s in samples]))
+def make_image_decoder(
+    choice: str, image_size: int, aspect: str, pool: ThreadPoolExecutor, num_threads: int
+) -> ImageDecoder:
+    """`data.image_decoder`: "dali" (GPU decode when torch sees one; Pillow for what DALI
+    cannot read), "python", or "auto" (DALI when installed)."""
+    if choice != "python":
+        try:
+            from megamod.data.dali import DaliImageDecoder
+        except ImportError as e:
+            if choice == "dali":
+                raise ConfigError(
+                    f"data.image_decoder=dali but NVIDIA DALI does not import ({e}): "
+                    "pip install nvidia-dali-cuda120, or set data.image_decoder=python"
+                ) from None
+        else:
+            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+            fallback = PythonImageDecoder(image_size, aspect, pool)
+            return DaliImageDecoder(image_size, aspect, num_threads, fallback, device_id)
+    return PythonImageDecoder(image_size, aspect, pool)
+
+
+def collate(samples: Sequence[_Prepared]) -> dict[str, torch.Tensor]:
+    labels = torch.from_numpy(np.stack([s.encoded.labels for s in samples]))
     return {
-        "tokens": torch.from_numpy(np.stack([s.tokens for s in samples])),
+        "tokens": torch.from_numpy(np.stack([s.encoded.tokens for s in samples])),
         "labels": labels,
         "loss_mask": labels != IGNORE_INDEX,
-        "images": torch.from_numpy(np.concatenate([s.images for s in samples])),
+        "images": torch.from_numpy(np.concatenate([s.pixels for s in samples])),
     }
 
 
+class _BadSample(Exception):
+    """Why a sample cannot be used."""
+
+
+@dataclass
+class _Prepared:
+    """A usable sample for one stream position: the source's draw k + `attempt`."""
+
+    source: int
+    k: int
+    attempt: int
+    index: int
+    where: str
+    encoded: EncodedSample
+    images: list[tuple[str, bytes]]  # the members of the images its tokens hold
+    pixels: np.ndarray | None = None  # float32 [len(images), 3, S, S], once decoded
+
+
+@dataclass
+class _Counts:
+    seen: int  # samples read (usable or not)
+    skipped: int  # unusable ones among them
+
+
+@dataclass
+class _Step:
+    batches: list[dict[str, torch.Tensor]]
+    seen: int  # samples read on this rank up to and including this step
+    skipped: int
+
+
 class TrainLoader:
-    """Resumable, DP-sharded micro-batches over an indexable list of samples."""
+    """Resumable, DP-sharded micro-batches over shard sources (see the module docstring)."""
 
     def __init__(
         self,
-        samples: list[Sample],
-        global_batch_size: int,
-        micro_batch_size: int,
+        sources: list[Source],
+        weights: list[float],
+        config: Config,
+        tokenizer: Tokenizer,
         dp_rank: int,
         dp_size: int,
-        seed: int,
     ) -> None:
-        if global_batch_size % (micro_batch_size * dp_size):
+        train, data = config.train, config.data
+        if train.global_batch_size % (train.micro_batch_size * dp_size):
             raise ValueError("global batch must split into micro-batches on every DP rank")
-        self.samples = samples
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
+        self.sources, self.weights = sources, weights
+        self.order = SampleOrder([len(s) for s in sources], weights, data.seed)
+        self.global_batch_size, self.micro_batch_size = train.global_batch_size, train.micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.seed = seed
-        self.consumed_samples = 0
+        self.seed = data.seed
+        self.template, self.tokenizer = data.conversation_template, tokenizer
+        self.image_size = config.model.vision.image_size
+        self.num_image_tokens = config.model.vision.num_patches
+        self.seq_length = config.model.language.seq_length
+        self.prefetch_steps = data.prefetch_steps
+        self.max_skip_fraction = data.max_skip_fraction
+        # Below this many samples read, a few early bad ones would make a noisy fraction.
+        self.min_seen = math.ceil(10 / data.max_skip_fraction) if data.max_skip_fraction > 0 else 0
+        self._pool = ThreadPoolExecutor(data.num_workers, thread_name_prefix="megamod-data")
+        try:
+            self.decoder = make_image_decoder(
+                data.image_decoder, self.image_size, data.image_aspect_ratio, self._pool, data.num_workers
+            )
+        except BaseException:
+            self._pool.shutdown()
+            raise
 
-    def _sample_at(self, position: int) -> Sample:
-        epoch, offset = divmod(position, len(self.samples))
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.samples))
-        return self.samples[order[offset]]
+        self.consumed_samples = 0
+        self.seen_samples = 0  # samples read by this rank for the steps returned so far
+        self.skipped_samples = 0  # of those, unusable ones (replaced)
+        self.last_wait = 0.0  # seconds the latest next_step() blocked
+        self._bad: dict[tuple[int, int], str] = {}  # (source, index) -> reason, logged once
+        self._skips_by_source: Counter[int] = Counter()
+        self._producer: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
+
+    # -------------------------------------------------------------- the loop's interface
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        per_rank = self.global_batch_size // self.dp_size
-        start = self.consumed_samples + self.dp_rank * per_rank
-        mine = [self._sample_at(start + i) for i in range(per_rank)]
+        """This rank's micro-batches for the next optimizer step."""
+        start = time.perf_counter()
+        if self.prefetch_steps == 0:
+            step = self._build_step(self.consumed_samples, self.seen_samples, self.skipped_samples)
+        else:
+            if self._producer is None:
+                self._start_producer()
+            step = self._producer[2].get()
+            if isinstance(step, BaseException):
+                self._stop_producer()
+                raise step
+        self.last_wait = time.perf_counter() - start
         self.consumed_samples += self.global_batch_size
-        mbs = self.micro_batch_size
-        return [collate(mine[i : i + mbs]) for i in range(0, per_rank, mbs)]
+        self.seen_samples, self.skipped_samples = step.seen, step.skipped
+        return step.batches
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": self.consumed_samples}
+        return {"consumed_samples": self.consumed_samples, "order": self._order_description()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._stop_producer()
         self.consumed_samples = int(state["consumed_samples"])
-
-
-def load_llava_json_samples(
-    json_path: Path, image_folder: Path, config: Config, tokenizer: Tokenizer
-) -> list[Sample]:
-    """Tokenise and preprocess every sample of a (small) LLaVA JSON file in memory."""
-    try:
-        records = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read LLaVA annotations {json_path}: {e}") from None
-    vision, language = config.model.vision, config.model.language
-    samples = []
-    for record in records:
-        image_names = record.get("image") or []
-        if isinstance(image_names, str):
-            image_names = [image_names]
-        encoded = encode_conversation(
-            record["conversations"],
-            config.data.conversation_template,
-            tokenizer,
-            num_image_tokens=vision.num_patches,
-            seq_length=language.seq_length,
-        )
-        images = [
-            preprocess_image(
-                Image.open(image_folder / name), vision.image_size, config.data.image_aspect_ratio
+        saved = state.get("order")
+        if saved is not None and saved != self._order_description():
+            logger.warning(
+                f"data: the sources, their sizes or weights, or data.seed differ from the checkpoint's "
+                f"({saved} -> {self._order_description()}): resuming at sample position "
+                f"{self.consumed_samples} of a different order"
             )
-            for name in image_names[: encoded.num_images]
-        ]
-        pixels = (
-            np.stack(images)
-            if images
-            else np.zeros((0, 3, vision.image_size, vision.image_size), np.float32)
+
+    def close(self) -> None:
+        self._stop_producer()
+        self._pool.shutdown()
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _order_description(self) -> dict[str, Any]:
+        return {"seed": self.seed, "sources": [[len(s), w] for s, w in zip(self.sources, self.weights)]}
+
+    # ------------------------------------------------------------------------ prefetch
+
+    def _start_producer(self) -> None:
+        stop, steps = threading.Event(), queue.Queue(self.prefetch_steps)
+        counts = (self.consumed_samples, self.seen_samples, self.skipped_samples)
+        thread = threading.Thread(target=self._produce, args=(stop, steps, *counts), daemon=True,
+                                  name="megamod-data-prefetch")
+        self._producer = (thread, stop, steps)
+        thread.start()
+
+    def _stop_producer(self) -> None:
+        if self._producer is not None:
+            thread, stop, _ = self._producer
+            stop.set()
+            thread.join()
+            self._producer = None
+
+    def _produce(self, stop: threading.Event, steps: queue.Queue, position: int, seen: int, skipped: int) -> None:
+        try:
+            for n in itertools.count():
+                item = self._build_step(position + n * self.global_batch_size, seen, skipped)
+                seen, skipped = item.seen, item.skipped
+                if not self._put(stop, steps, item):
+                    return
+        except BaseException as e:  # handed to the loop, which raises it
+            self._put(stop, steps, e)
+
+    @staticmethod
+    def _put(stop: threading.Event, steps: queue.Queue, item: object) -> bool:
+        while not stop.is_set():
+            try:
+                steps.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    # ------------------------------------------------------------------ building a step
+
+    def _build_step(self, position: int, seen: int, skipped: int) -> _Step:
+        per_rank = self.global_batch_size // self.dp_size
+        first = position + self.dp_rank * per_rank
+        draws = [self.order.locate(p) for p in range(first, first + per_rank)]
+        counts = _Counts(seen, skipped)
+        raws = self._pool.map(lambda d: self._read(d[0], self.order.sample(*d)), draws)
+        samples = [self._prepare(source, k, 0, counts, raw) for (source, k), raw in zip(draws, raws)]
+        self._decode(samples, counts)
+        self._check_skip_fraction(counts)
+        mbs = self.micro_batch_size
+        batches = [collate(samples[i : i + mbs]) for i in range(0, per_rank, mbs)]
+        return _Step(batches, counts.seen, counts.skipped)
+
+    def _read(self, source: int, index: int) -> RawSample | None:
+        """The sample's members, or None if it is known to be bad (not read again)."""
+        return None if (source, index) in self._bad else self.sources[source].read(index)
+
+    def _prepare(self, source: int, k: int, first: int, counts: _Counts, raw: RawSample | None = None) -> _Prepared:
+        """The first usable sample among the source's draws k + first, k + first + 1, ...
+        (`raw`: draw k + first, already read)."""
+        for attempt in range(first, first + MAX_REPLACEMENTS):
+            index = self.order.sample(source, k + attempt)
+            if raw is None:
+                raw = self._read(source, index)
+            counts.seen += 1
+            try:
+                if raw is None:
+                    raise _BadSample(self._bad[source, index])
+                encoded, images = self._encode(raw)
+                return _Prepared(source, k, attempt, index, raw.where, encoded, images)
+            except _BadSample as e:
+                self._skip(source, index, raw, str(e), counts)
+            raw = None
+        raise DataError(
+            f"data: {MAX_REPLACEMENTS} unusable samples in a row in {self.sources[source].spec} "
+            f"(e.g. {self._bad[source, index]}): the data set is broken; rebuild it with megamod build-shards"
         )
-        samples.append(Sample(encoded.tokens, encoded.labels, pixels))
-    if not samples:
-        raise DataError(f"{json_path} holds no samples")
-    return samples
+
+    def _encode(self, raw: RawSample) -> tuple[EncodedSample, list[tuple[str, bytes]]]:
+        try:
+            doc = json.loads(raw.members["json"])
+            turns, names = doc["conversations"], doc.get("images", [])
+        except (KeyError, TypeError, ValueError) as e:
+            raise _BadSample(f"no valid json member ({type(e).__name__}: {e})") from None
+        if not isinstance(turns, list) or not isinstance(names, list):
+            raise _BadSample("'conversations' or 'images' is not a list")
+        try:
+            encoded = encode_conversation(turns, self.template, self.tokenizer, self.num_image_tokens, self.seq_length)
+        except DataError as e:
+            raise _BadSample(str(e)) from None
+        if not (encoded.labels != IGNORE_INDEX).any():
+            raise _BadSample(f"no answer token left within model.language.seq_length={self.seq_length}")
+        if encoded.num_images > len(names):
+            raise _BadSample(f"more <image> markers than its {len(names)} images")
+        missing = [n for n in names[: encoded.num_images] if n not in raw.members]
+        if missing:
+            raise _BadSample(f"image member {missing[0]} is missing")
+        return encoded, [(n, raw.members[n]) for n in names[: encoded.num_images]]
+
+    def _decode(self, samples: list[_Prepared], counts: _Counts) -> None:
+        """Preprocesses the samples' images in one batch; samples with a bad image are
+        replaced by their next usable draw, whose images are decoded in turn."""
+        pending = list(range(len(samples)))
+        while pending:
+            images = [image for i in pending for image in samples[i].images]
+            pixels, errors = self.decoder(images)
+            retry, offset = [], 0
+            for i in pending:
+                sample, n = samples[i], len(samples[i].images)
+                bad = [errors[j] for j in range(offset, offset + n) if j in errors]
+                if bad:
+                    self._skip(sample.source, sample.index, None, f"image: {bad[0]}", counts, sample.where)
+                    samples[i] = self._prepare(sample.source, sample.k, sample.attempt + 1, counts)
+                    retry.append(i)
+                else:
+                    sample.pixels = pixels[offset : offset + n]
+                offset += n
+            pending = retry
+
+    def _skip(
+        self, source: int, index: int, raw: RawSample | None, reason: str, counts: _Counts, where: str | None = None
+    ) -> None:
+        counts.skipped += 1
+        self._skips_by_source[source] += 1
+        if (source, index) not in self._bad:
+            where = where or (raw.where if raw else f"sample {index}")
+            self._bad[source, index] = f"{where}: {reason}"
+            logger.warning(f"data: skipping {where} of {self.sources[source].spec}: {reason}")
+
+    def _check_skip_fraction(self, counts: _Counts) -> None:
+        seen, skipped = counts.seen, counts.skipped
+        if seen < self.min_seen or skipped <= self.max_skip_fraction * seen:
+            return
+        worst = self._skips_by_source.most_common(1)[0][0]
+        example = next(reason for (s, _), reason in self._bad.items() if s == worst)
+        raise DataError(
+            f"data: {skipped} of the {seen} samples read on this rank were unusable "
+            f"({skipped / seen:.1%} > data.max_skip_fraction={self.max_skip_fraction}), most of them in "
+            f"{self.sources[worst].spec} (e.g. {example}): fix or rebuild that source with megamod build-shards, "
+            "or raise data.max_skip_fraction"
+        )
+
+
+def build_train_loader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> TrainLoader:
+    """The loader of `config.data` for one DP rank. "tiny" is read from
+    `TINY_CACHE_DIR/shards`, made by `prepare_tiny_shards()` beforehand."""
+    data = config.data
+    if data.mixture:
+        specs = [(s.shards, f"data.mixture[{i}].shards", s.weight) for i, s in enumerate(data.mixture)]
+    else:
+        specs = [(data.train_shards, "data.train_shards", 1.0)]
+    sources = [open_source(spec, key) for spec, key, _ in specs]
+    return TrainLoader(sources, [w for _, _, w in specs], config, tokenizer, dp_rank, dp_size)

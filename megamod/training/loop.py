@@ -9,10 +9,10 @@ number of loss tokens).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -21,11 +21,11 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megamod.config import Config
-from megamod.data.loader import TrainLoader, load_llava_json_samples
-from megamod.data.tiny import write_tiny_dataset
+from megamod.data.loader import TrainLoader, build_train_loader, prepare_tiny_shards
 from megamod.data.tokenizer import Tokenizer, load_tokenizer
 from megamod.errors import ConfigError
 from megamod.models.llava import LLaVA, padded_vocab_size
+from megamod.parallel import dist_env_from
 from megamod.training import checkpoint
 from megamod.training.logging import MetricsLogger
 from megamod.training.precision import check_precision_supported
@@ -65,21 +65,30 @@ def build_model(config: Config, tokenizer: Tokenizer) -> LLaVA:
 
 def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
     data = config.data
-    if data.train_data == "tiny":
-        json_path = write_tiny_dataset(Path.home() / ".cache" / "megamod" / "tiny")
-        image_folder = json_path.parent
-    else:
-        json_path = Path(data.train_data)
-        image_folder = Path(data.image_folder or json_path.parent)
-    samples = load_llava_json_samples(json_path, image_folder, config, tokenizer)
-    return TrainLoader(
-        samples,
-        global_batch_size=config.train.global_batch_size,
-        micro_batch_size=config.train.micro_batch_size,
+    if "tiny" in ([m.shards for m in data.mixture] or [data.train_shards]):
+        # One build per node (a lock covers a shared home directory); every rank waits for it.
+        if dist_env_from(os.environ).local_rank == 0:
+            prepare_tiny_shards()
+        torch.distributed.barrier()
+    return build_train_loader(
+        config,
+        tokenizer,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        seed=data.seed,
     )
+
+
+def data_metrics(loader: TrainLoader, step_time: float) -> dict[str, float]:
+    """Skipped samples summed over DP ranks (TP/EP peers read the same ones) and the
+    largest fraction of the step a DP rank waited for data (the slowest holds all up).
+    Collective over the DP group: every rank calls it every step."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    group = parallel_state.get_data_parallel_group()
+    skipped = torch.tensor([float(loader.skipped_samples)], device=device)
+    wait = torch.tensor([loader.last_wait / step_time], device=device)
+    torch.distributed.all_reduce(skipped, group=group)
+    torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX, group=group)
+    return {"data/skipped_samples": skipped.item(), "data/wait_fraction": wait.item()}
 
 
 def check_batch_split(config: Config) -> None:
@@ -192,6 +201,7 @@ def train(config: Config) -> list[float]:
             "train/grad_norm": step["train/grad_norm"],
             "train/step_time": step_time,
             "train/tokens_per_sec": tokens_per_step / step_time,
+            **data_metrics(state.loader, step_time),
         }
         if torch.cuda.is_available():
             scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -205,4 +215,5 @@ def train(config: Config) -> list[float]:
             )
             logger.info(f"saved checkpoint {path}")
     metrics.close()
+    state.loader.close()
     return losses
