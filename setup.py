@@ -17,7 +17,6 @@ setup(
         "pyyaml",
         "pillow",
         "tensorboard",
-        "webdataset",
         "braceexpand",  # data.train_shards brace patterns
         "tokenizers",
         "transformers",
@@ -26,7 +25,8 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest", "nvidia-dali-cuda120"],
+        # webdataset: tests check that its reader takes our shards.
+        "test": ["pytest", "nvidia-dali-cuda120", "webdataset"],
         "gpu": ["nvidia-dali-cuda120", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megamod=megamod.__main__:main"]},

@@ -70,7 +70,6 @@ def test_shards_hold_the_valid_samples_with_original_bytes(tmp_path, fmt):
 
 
 def test_shards_read_with_dali_and_its_indexes(tmp_path):
-    # (webdataset and wids read them too, checked by hand: importing them imports torch, ~2 s.)
     fixture, out = build_fixture_shards("llava", tmp_path, shard_size=3)
     manifest = json.loads((out / "manifest.json").read_text())
     urls = [str(out / s["url"]) for s in manifest["shards"]]
@@ -92,6 +91,20 @@ def test_shards_read_with_dali_and_its_indexes(tmp_path):
     for i, expected in enumerate(fixture.expected):
         got = [bytes(img0.at(i)), bytes(img1.at(i))][: len(expected.image_bytes)]
         assert got == expected.image_bytes
+
+
+def test_shards_read_with_the_webdataset_library(tmp_path):
+    """Other WebDataset tooling reads our shards: keys, json and image members intact."""
+    import webdataset
+
+    fixture, out = build_fixture_shards("llava", tmp_path, shard_size=3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / s["url"]) for s in manifest["shards"]]
+    samples = list(webdataset.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [f"s{i:09d}" for i in range(len(samples))]
+    assert [json.loads(s["json"])["id"] for s in samples] == [e.id for e in fixture.expected]
+    for sample, expected in zip(samples, fixture.expected):
+        assert [sample[name] for name in expected.images] == expected.image_bytes
 
 
 def test_workers_do_not_change_the_output(tmp_path):
