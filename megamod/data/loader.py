@@ -22,7 +22,7 @@ blocked, for `data/wait_fraction`.
 Bad samples (an image no decoder reads, a conversation `encode_conversation` rejects, no
 trained token left after truncation) are replaced by the source's next draws, so shapes
 and resumption stay exact; each is logged once with its shard and key and counted in
-`skipped_samples`. Above `data.max_skip_fraction` of the samples read, a DataError stops
+`counts.skipped`. Above `data.max_skip_fraction` of the samples read, a DataError stops
 the run.
 """
 
@@ -154,17 +154,31 @@ class _Prepared:
     pixels: np.ndarray | None = None  # float32 [len(images), 3, S, S], once decoded
 
 
+@dataclass(frozen=True)
+class DataCounts:
+    """This rank's running counts (not checkpointed: they describe this run's reading)."""
+
+    seen: int = 0  # samples read (usable or not)
+    skipped: int = 0  # unusable ones among them (each replaced by another draw)
+    truncated: int = 0  # used ones cut to model.language.seq_length
+
+
 @dataclass
 class _Counts:
-    seen: int  # samples read (usable or not)
-    skipped: int  # unusable ones among them
+    """DataCounts while a step is being built."""
+
+    seen: int
+    skipped: int
+    truncated: int
+
+    def frozen(self) -> DataCounts:
+        return DataCounts(self.seen, self.skipped, self.truncated)
 
 
 @dataclass
 class _Step:
     batches: list[dict[str, torch.Tensor]]
-    seen: int  # samples read on this rank up to and including this step
-    skipped: int
+    counts: DataCounts  # up to and including this step
 
 
 class TrainLoader:
@@ -205,8 +219,7 @@ class TrainLoader:
             raise
 
         self.consumed_samples = 0
-        self.seen_samples = 0  # samples read by this rank for the steps returned so far
-        self.skipped_samples = 0  # of those, unusable ones (replaced)
+        self.counts = DataCounts()  # for the steps returned so far
         self.last_wait = 0.0  # seconds the latest next_step() blocked
         self._bad: dict[tuple[int, int], str] = {}  # (source, index) -> reason, logged once
         self._skips_by_source: Counter[int] = Counter()
@@ -218,7 +231,7 @@ class TrainLoader:
         """This rank's micro-batches for the next optimizer step."""
         start = time.perf_counter()
         if self.prefetch_steps == 0:
-            step = self._build_step(self.consumed_samples, self.seen_samples, self.skipped_samples)
+            step = self._build_step(self.consumed_samples, self.counts)
         else:
             if self._producer is None:
                 self._start_producer()
@@ -228,7 +241,7 @@ class TrainLoader:
                 raise step
         self.last_wait = time.perf_counter() - start
         self.consumed_samples += self.global_batch_size
-        self.seen_samples, self.skipped_samples = step.seen, step.skipped
+        self.counts = step.counts
         return step.batches
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,8 +250,8 @@ class TrainLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stop_producer()
         self.consumed_samples = int(state["consumed_samples"])
-        saved = state.get("order")
-        if saved is not None and saved != self._order_description():
+        saved = state["order"]
+        if saved != self._order_description():
             logger.warning(
                 f"data: the sources, their sizes or weights, or data.seed differ from the checkpoint's "
                 f"({saved} -> {self._order_description()}): resuming at sample position "
@@ -262,8 +275,8 @@ class TrainLoader:
 
     def _start_producer(self) -> None:
         stop, steps = threading.Event(), queue.Queue(self.prefetch_steps)
-        counts = (self.consumed_samples, self.seen_samples, self.skipped_samples)
-        thread = threading.Thread(target=self._produce, args=(stop, steps, *counts), daemon=True,
+        args = (stop, steps, self.consumed_samples, self.counts)
+        thread = threading.Thread(target=self._produce, args=args, daemon=True,
                                   name="megamod-data-prefetch")
         self._producer = (thread, stop, steps)
         thread.start()
@@ -275,11 +288,11 @@ class TrainLoader:
             thread.join()
             self._producer = None
 
-    def _produce(self, stop: threading.Event, steps: queue.Queue, position: int, seen: int, skipped: int) -> None:
+    def _produce(self, stop: threading.Event, steps: queue.Queue, position: int, counts: DataCounts) -> None:
         try:
             for n in itertools.count():
-                item = self._build_step(position + n * self.global_batch_size, seen, skipped)
-                seen, skipped = item.seen, item.skipped
+                item = self._build_step(position + n * self.global_batch_size, counts)
+                counts = item.counts
                 if not self._put(stop, steps, item):
                     return
         except BaseException as e:  # handed to the loop, which raises it
@@ -297,18 +310,18 @@ class TrainLoader:
 
     # ------------------------------------------------------------------ building a step
 
-    def _build_step(self, position: int, seen: int, skipped: int) -> _Step:
+    def _build_step(self, position: int, counts_before: DataCounts) -> _Step:
         per_rank = self.global_batch_size // self.dp_size
         first = position + self.dp_rank * per_rank
         draws = [self.order.locate(p) for p in range(first, first + per_rank)]
-        counts = _Counts(seen, skipped)
+        counts = _Counts(counts_before.seen, counts_before.skipped, counts_before.truncated)
         raws = self._pool.map(lambda d: self._read(d[0], self.order.sample(*d)), draws)
         samples = [self._prepare(source, k, 0, counts, raw) for (source, k), raw in zip(draws, raws)]
         self._decode(samples, counts)
         self._check_skip_fraction(counts)
         mbs = self.micro_batch_size
         batches = [collate(samples[i : i + mbs]) for i in range(0, per_rank, mbs)]
-        return _Step(batches, counts.seen, counts.skipped)
+        return _Step(batches, counts.frozen())
 
     def _read(self, source: int, index: int) -> RawSample | None:
         """The sample's members, or None if it is known to be bad (not read again)."""
@@ -326,6 +339,7 @@ class TrainLoader:
                 if raw is None:
                     raise _BadSample(self._bad[source, index])
                 encoded, images = self._encode(raw)
+                counts.truncated += encoded.truncated
                 return _Prepared(source, k, attempt, index, raw.where, encoded, images)
             except _BadSample as e:
                 self._skip(source, index, raw, str(e), counts)

@@ -79,16 +79,22 @@ def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
 
 
 def data_metrics(loader: TrainLoader, step_time: float) -> dict[str, float]:
-    """Skipped samples summed over DP ranks (TP/EP peers read the same ones) and the
-    largest fraction of the step a DP rank waited for data (the slowest holds all up).
-    Collective over the DP group: every rank calls it every step."""
+    """Skipped and truncated samples summed over DP ranks (TP/EP peers read the same ones)
+    and the largest fraction of the step a DP rank waited for data (the slowest holds all
+    up). Collective over the DP group: every rank calls it every step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     group = parallel_state.get_data_parallel_group()
-    skipped = torch.tensor([float(loader.skipped_samples)], device=device)
+    counts = torch.tensor(
+        [float(loader.counts.skipped), float(loader.counts.truncated)], device=device
+    )
     wait = torch.tensor([loader.last_wait / step_time], device=device)
-    torch.distributed.all_reduce(skipped, group=group)
+    torch.distributed.all_reduce(counts, group=group)
     torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX, group=group)
-    return {"data/skipped_samples": skipped.item(), "data/wait_fraction": wait.item()}
+    return {
+        "data/skipped_samples": counts[0].item(),
+        "data/truncated_samples": counts[1].item(),
+        "data/wait_fraction": wait.item(),
+    }
 
 
 def check_batch_split(config: Config) -> None:

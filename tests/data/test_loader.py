@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megamod.config import load_config
-from megamod.data.loader import PythonImageDecoder, build_train_loader, prepare_tiny_shards
+from megamod.data.loader import DataCounts, PythonImageDecoder, build_train_loader, prepare_tiny_shards
 from megamod.data.reader import MIXTURE_BLOCK, SampleOrder, open_source
 from megamod.data.tiny import tiny_samples
 from megamod.data.tokenizer import load_tokenizer
@@ -180,9 +180,31 @@ def test_a_corrupt_image_is_skipped_counted_logged_once_and_replaced(corrupt, to
         for step in steps(loader, 3):  # one epoch a step: the bad sample comes up every step
             assert [len(mb["tokens"]) for mb in step] == [2] * 4
             assert len(set(rows(step))) == N_LLAVA - 1  # the 7 good ones, one twice
-        assert (loader.skipped_samples, loader.seen_samples) == (3, 27)
+        assert (loader.counts.skipped, loader.counts.seen) == (3, 27)
     warnings = [r.getMessage() for r in caplog.records if "s000000000" in r.getMessage()]
     assert len(warnings) == 1 and "llava-000000.tar:s000000000" in warnings[0], warnings
+
+
+def test_truncated_samples_are_counted(llava, tok):
+    """Reference: encode every json member of the shards directly; one step is one epoch."""
+    from megamod.data.conversation import encode_conversation
+
+    docs = []
+    for shard in sorted(llava.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            docs += [json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")]
+    expected = sum(encode_conversation(d["conversations"], "vicuna_v1", tok, 4, 64).truncated for d in docs)
+    assert 0 < expected < len(docs) == N_LLAVA
+    with build_train_loader(config(llava), tok, 0, 1) as loader:  # seq_length 512: no cuts
+        loader.next_step()
+        assert loader.counts.truncated == 0
+    short = load_config(None, [f"data.train_shards={llava}", "model.vision.image_size=28",
+                               "model.vision.patch_size=14", "model.language.seq_length=64",
+                               "train.global_batch_size=8", "train.micro_batch_size=2",
+                               "data.image_decoder=python", "data.conversation_template=vicuna_v1"])
+    with build_train_loader(short, tok, 0, 1) as loader:
+        loader.next_step()
+        assert (loader.counts.truncated, loader.counts.skipped) == (expected, 0)
 
 
 def test_too_many_bad_samples_raise(corrupt, tok):
@@ -215,7 +237,7 @@ def test_invalid_conversations_are_skipped(tmp_path, tok, caplog):
     write_shard(tmp_path / "a.tar", good + [(turns("Hi?", "beep", role="robot"), [])])
     with build_train_loader(config(f"{tmp_path}/*.tar", max_skip_fraction=0.5), tok, 0, 1) as loader:
         step = loader.next_step()
-        assert len(set(rows(step))) == 5 and loader.skipped_samples >= 1
+        assert len(set(rows(step))) == 5 and loader.counts.skipped >= 1
     assert any("'robot'" in r.getMessage() and "a.tar:k0005" in r.getMessage() for r in caplog.records)
 
 
@@ -275,12 +297,12 @@ def test_prepare_tiny_shards_is_idempotent(tmp_path, tok):
 def test_state_dict_and_counters(llava, tok, caplog):
     with build_train_loader(config(llava, prefetch_steps=0), tok, 0, 1) as loader:
         loader.next_step()
-        assert loader.last_wait > 0 and loader.skipped_samples == 0 and loader.seen_samples == 8
+        assert loader.last_wait > 0 and loader.counts == DataCounts(seen=8)
         state = loader.state_dict()
     assert state == {"consumed_samples": 8, "order": {"seed": 1234, "sources": [[8, 1.0]]}}
     caplog.set_level(logging.WARNING, "megamod")
     with build_train_loader(config(llava, seed=5), tok, 0, 1) as other:
-        other.load_state_dict({"consumed_samples": 8})  # an older state: no order to compare
+        other.load_state_dict({"consumed_samples": 8, "order": other.state_dict()["order"]})
         assert not caplog.records
         other.load_state_dict(state)
         assert other.consumed_samples == 8 and "differ from the checkpoint" in caplog.text

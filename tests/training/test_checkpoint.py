@@ -56,12 +56,14 @@ def test_tensorboard_scalars(run_a):
     events = EventAccumulator(str(run_a / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/step_time"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/step_time",
+                "data/wait_fraction", "data/skipped_samples", "data/truncated_samples"):
         assert tag in tags
         assert [e.step for e in events.Scalars(tag)] == list(range(1, 11))
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx(list(step_losses((run_a / "stdout.txt").read_text()).values()), rel=1e-5)
     assert losses[-1] < losses[0] - 0.5, "the loss should clearly fall"
+    assert {e.value for e in events.Scalars("data/skipped_samples")} == {0.0}  # tiny is clean
 
 
 def test_resume_reproduces_uninterrupted_run(run_a, tmp_path):
