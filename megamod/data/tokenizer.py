@@ -20,9 +20,9 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from megamod.data.formats import IMAGE_MARKER as IMAGE_TOKEN  # the text's marker is the token
 from megamod.errors import DataError
 
-IMAGE_TOKEN = "<image>"
 TINY_TOKENIZER_PATH = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
 TINY_VOCAB_SIZE = 1000
 # Order fixes their ids: <pad> = 0, <s> = 1, </s> = 2, <image> = 3. Llama-3's chat markers
