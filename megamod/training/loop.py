@@ -8,6 +8,7 @@ number of loss tokens).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -187,11 +188,30 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
     }
 
 
+def describe_run(state: TrainState) -> dict[str, Any]:
+    """The job at a glance, logged once at the start."""
+    model, config = state.model.module, state.config
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "event": "start",
+        "parameters_per_rank": params,
+        "trainable_parameters_per_rank": trainable,
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "start_iteration": state.iteration,
+        "train_iters": config.train.train_iters,
+        "checkpoints": config.checkpoint.save_dir,
+        "tensorboard": config.logging.tensorboard_dir,
+    }
+
+
 def train(config: Config) -> list[float]:
     """Train to `train.train_iters`; returns the loss of every step this run took."""
     state = setup(config)
     ckpt, train_cfg = config.checkpoint, config.train
     metrics = MetricsLogger(config.logging.tensorboard_dir, config.logging.log_interval)
+    logger.info(json.dumps(describe_run(state)))
     tokens_per_step = train_cfg.global_batch_size * config.model.language.seq_length
     losses = []
     while state.iteration < train_cfg.train_iters:

@@ -27,7 +27,7 @@ TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=t
 
 def step_losses(stdout: str) -> dict[int, float]:
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return {r["iteration"]: r["train/loss"] for r in records}
+    return {r["iteration"]: r["train/loss"] for r in records if "iteration" in r}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,12 @@ def run_a(tmp_path_factory) -> Path:
     )
     (root / "stdout.txt").write_text(result.stdout)
     return root
+
+
+def test_start_line_says_where_outputs_go(run_a):
+    first = json.loads(next(l for l in (run_a / "stdout.txt").read_text().splitlines() if l.startswith("{")))
+    assert first["event"] == "start" and first["tensor_model_parallel_size"] == 2
+    assert first["checkpoints"] == str(run_a / "ckpt") and first["tensorboard"] == str(run_a / "tb")
 
 
 def test_checkpoint_layout(run_a):
