@@ -89,6 +89,24 @@ def test_resume_reproduces_uninterrupted_run(run_a, tmp_path):
         assert loss == pytest.approx(uninterrupted[it], abs=1e-6), f"step {it}"
 
 
+def test_finetune_starts_a_new_stage_from_the_weights(run_a, tmp_path):
+    """checkpoint.finetune: trained weights, but iteration 0, a fresh optimizer and schedule
+    and a new stage's trainable parts (stage 1 -> projector only), at another TP size."""
+    result = megamod_train(
+        2, ["train.train_iters=2", "train.trainable=[projector]", "checkpoint.finetune=true",
+            f"checkpoint.load={run_a / 'ckpt'}", "checkpoint.save_dir=null",
+            "checkpoint.save_interval=null", "logging.tensorboard_dir=null"],
+        cwd=tmp_path,
+    )
+    start = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
+    assert start["start_iteration"] == 0
+    assert start["trainable_parameters_per_rank"] < start["parameters_per_rank"] / 10
+    losses = step_losses(result.stdout)
+    fresh = step_losses((run_a / "stdout.txt").read_text())
+    assert sorted(losses) == [1, 2]
+    assert losses[1] < fresh[1] - 1.0, "the loaded weights should already fit the data"
+
+
 def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
     torchrun(2, [WORKER, "logits", str(tmp_path), str(run_a / "ckpt")], cwd=tmp_path)
     tp2, tp1 = torch.load(tmp_path / "logits_tp2.pt"), torch.load(tmp_path / "logits_tp1.pt")
