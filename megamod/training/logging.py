@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard scalars and a one-line console log, rank 0 only."""
+"""Training metrics: TensorBoard scalars and a one-line JSON console log, rank 0 only."""
 
 from __future__ import annotations
 
@@ -25,19 +25,34 @@ def setup_console_logging() -> None:
 
 
 class MetricsLogger:
-    """Writes `train/...` scalars to TensorBoard and one console line per interval."""
+    """Writes scalars to TensorBoard and one console line per log interval.
+
+    As Megatron-LM does, per-step quantities (loss, grad norm, timings) are averaged over
+    the steps of the interval; the rest (learning rate, running counts) is the latest value.
+    """
+
+    AVERAGED = ("train/loss", "train/grad_norm", "train/step_time", "train/tokens_per_sec",
+                "data/wait_fraction")
 
     def __init__(self, tensorboard_dir: str | None, log_interval: int) -> None:
         self.log_interval = log_interval
         self.writer = None
+        self._sums: dict[str, float] = {}
+        self._steps = 0
         if tensorboard_dir is not None and is_rank_zero():
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
 
     def log(self, iteration: int, scalars: dict[str, float], force: bool = False) -> None:
+        self._steps += 1
+        for tag in self.AVERAGED:
+            if tag in scalars:
+                self._sums[tag] = self._sums.get(tag, 0.0) + scalars[tag]
         if not (force or iteration % self.log_interval == 0):
             return
+        scalars = {**scalars, **{tag: total / self._steps for tag, total in self._sums.items()}}
+        self._sums, self._steps = {}, 0
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)

@@ -231,8 +231,8 @@ def train(config: Config) -> list[float]:
         }
         if torch.cuda.is_available():
             scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        metrics.log(state.iteration, scalars)
         last = state.iteration == train_cfg.train_iters
+        metrics.log(state.iteration, scalars, force=last)
         interval = ckpt.save_interval
         if ckpt.save_dir and (last or (interval and state.iteration % interval == 0)):
             path = checkpoint.save_checkpoint(
