@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint import CheckpointException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megamod.errors import CheckpointError
@@ -143,12 +145,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _load(sharded: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+    """dist_checkpointing.load, with a mismatch reported as the user's to fix."""
+    try:
+        return dist_checkpointing.load(sharded, str(ckpt_dir))
+    except (CheckpointingException, CheckpointException) as e:
+        # torch's reader wraps each rank's failure, (exception, traceback), in `failures`.
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} cannot be loaded into this model: {cause}. If model.* "
+            f"changed, use the settings it was saved with"
+        ) from None
+
+
 def load_model_weights(load_dir: str | Path, model: torch.nn.Module) -> int:
     """Load only the model (`checkpoint.finetune`); any TP size. Returns the iteration."""
     iteration = read_latest_iteration(load_dir)
-    state = dist_checkpointing.load(
-        {"model": model.sharded_state_dict()}, str(iteration_dir(load_dir, iteration))
-    )
+    state = _load({"model": model.sharded_state_dict()}, iteration_dir(load_dir, iteration))
     model.load_state_dict(state["model"])
     return iteration
 
@@ -158,8 +172,8 @@ def load_checkpoint(
 ) -> tuple[int, dict[str, Any]]:
     """Resume everything; returns (iteration, data state). Collective."""
     iteration = read_latest_iteration(load_dir)
-    ckpt_dir = str(iteration_dir(load_dir, iteration))
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    ckpt_dir = iteration_dir(load_dir, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     same_layout = common["parallel"] == parallel_layout()
 
     model_state = model.sharded_state_dict()
@@ -169,7 +183,7 @@ def load_checkpoint(
     }
     if same_layout:
         sharded["rng_state"] = _sharded_rng(None)
-    state = dist_checkpointing.load(sharded, ckpt_dir)
+    state = _load(sharded, ckpt_dir)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])

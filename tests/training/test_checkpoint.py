@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, megamod_train, torchrun
+from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, megamod_train, run, torchrun
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
@@ -112,6 +112,21 @@ def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
     tp2, tp1 = torch.load(tmp_path / "logits_tp2.pt"), torch.load(tmp_path / "logits_tp1.pt")
     assert tp2.shape == tp1.shape and tp2.abs().sum() > 0
     torch.testing.assert_close(tp1, tp2, atol=1e-5, rtol=1e-5)
+
+
+def test_unusable_checkpoints_exit_2_naming_the_problem(run_a, tmp_path):
+    def train_from(load: Path, *extra: str):
+        cmd = [sys.executable, "-m", "megamod", "train", str(TINY_CONFIG), "train.train_iters=11",
+               f"checkpoint.load={load}", "checkpoint.save_dir=null", "checkpoint.save_interval=null",
+               "logging.tensorboard_dir=null", *extra]
+        return run(cmd, cwd=tmp_path, extra_env={"MASTER_PORT": str(free_port())})
+
+    other_shape = train_from(run_a / "ckpt", "model.language.ffn_hidden_size=320")
+    assert other_shape.returncode == 2, other_shape.stderr[-3000:]
+    assert "linear_fc1.weight" in other_shape.stderr and "model.*" in other_shape.stderr
+    no_checkpoint = train_from(tmp_path)
+    assert no_checkpoint.returncode == 2
+    assert "latest_checkpointed_iteration.txt does not exist" in no_checkpoint.stderr
 
 
 def test_kill_during_checkpoint_write_keeps_previous_latest(tmp_path):
