@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from megamod.config import Config
 from megamod.data.loader import TrainLoader, build_train_loader, prepare_tiny_shards
@@ -40,7 +41,7 @@ class TrainState:
     """What one job builds once and the loop then drives."""
 
     config: Config
-    model: Any  # megatron-core DistributedDataParallel around LLaVA
+    model: Any  # megatron-core DDP around LLaVA (`unwrap_model` gives the LLaVA)
     optimizer: Any
     scheduler: Any
     loader: TrainLoader
@@ -190,7 +191,7 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
 
 def describe_run(state: TrainState) -> dict[str, Any]:
     """The job at a glance, logged once at the start."""
-    model, config = state.model.module, state.config
+    model, config = unwrap_model(state.model), state.config
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
@@ -236,7 +237,7 @@ def train(config: Config) -> list[float]:
         interval = ckpt.save_interval
         if ckpt.save_dir and (last or (interval and state.iteration % interval == 0)):
             path = checkpoint.save_checkpoint(
-                ckpt.save_dir, state.iteration, state.model.module, state.optimizer,
+                ckpt.save_dir, state.iteration, unwrap_model(state.model), state.optimizer,
                 state.scheduler, state.loader.state_dict(),
             )
             logger.info(f"saved checkpoint {path}")

@@ -15,6 +15,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from megamod.config import Config
 from megamod.errors import ConfigError
@@ -23,13 +24,23 @@ from megamod.models.transformer_configs import DTYPES
 
 
 def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:
+    """Megatron-LM's `get_model` order: onto this rank's GPU, into bf16/fp16 (`Float16Module`
+    casts the whole model, plain torch parts included, and the float inputs), then DDP.
+    `megatron.core.utils.unwrap_model` gives the LLaVA back."""
+    module: torch.nn.Module = model
+    if torch.cuda.is_available():
+        # megatron-core layers are built on the GPU; the ViT's conv, class token and
+        # position embeddings are plain torch modules, built on the CPU.
+        module = module.cuda(torch.cuda.current_device())
+    if config.precision.params_dtype != "fp32":
+        module = Float16Module(model.config, module)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=config.stability.check_for_nan_in_loss_and_grad,
     )
-    return DistributedDataParallel(model.config, ddp_config, model)
+    return DistributedDataParallel(model.config, ddp_config, module)
 
 
 def build_optimizer(config: Config, model: DistributedDataParallel) -> MegatronOptimizer:

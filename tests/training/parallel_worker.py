@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from megamod.config import load_config
 from megamod.parallel import init_distributed
@@ -66,7 +67,7 @@ def grads(out_dir: Path) -> None:
         state = setup(config)
         totals = forward_backward(state, state.loader.next_step())
         result = {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(), "grads": {}}
-        for name, param in state.model.module.named_parameters():
+        for name, param in unwrap_model(state.model).named_parameters():
             if param.requires_grad:
                 result["grads"][name] = gather_tp(param.main_grad, param)
         if torch.distributed.get_rank() == 0:
@@ -79,7 +80,7 @@ def logits(out_dir: Path, ckpt_dir: Path) -> None:
     for tp in sorted({world, 1}, reverse=True):
         config = start(tp, tp > 1)
         state = setup(config)
-        model = state.model.module
+        model = unwrap_model(state.model)
         if tp == 1:  # a full resume (optimizer, schedule, data) across the TP change
             checkpoint.load_checkpoint(ckpt_dir, model, state.optimizer, state.scheduler)
         else:

@@ -33,10 +33,12 @@ def world_of_one():
 
 
 def test_stage1_trains_only_the_projector(world_of_one):
+    from megatron.core.utils import unwrap_model
+
     from megamod.training.loop import setup, train_step
 
     state = setup(world_of_one)
-    llava = state.model.module
+    llava = unwrap_model(state.model)
     trainable = {id(p) for p in llava.vision_projection.parameters()}
     optimized = [p for group in state.optimizer.param_groups for p in group["params"]]
     assert optimized and {id(p) for p in optimized} == trainable
