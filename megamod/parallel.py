@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megamod.config import ParallelConfig
+from megamod.config import Config, ParallelConfig
 from megamod.errors import ConfigError
 
 
@@ -105,6 +105,32 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env
+
+
+def check_device_support(config: Config) -> None:
+    """Refuse, naming the key, what this machine's devices cannot run."""
+    on_gpu = torch.cuda.is_available()
+    dtype = config.precision.params_dtype
+    if dtype != "fp32" and not on_gpu:
+        raise ConfigError(
+            f"precision.params_dtype={dtype} needs a GPU (megatron-core's mixed-precision "
+            f"optimizer is CUDA-only): use precision.params_dtype=fp32 on CPU"
+        )
+    if config.parallel.use_distributed_optimizer and not on_gpu:
+        # distrib_optimizer.py only accepts torch.cuda.*Tensor params.
+        raise ConfigError(
+            "parallel.use_distributed_optimizer=true needs GPUs: set it to false on CPU"
+        )
+    if config.parallel.sequence_parallel and on_gpu:
+        from megamod.models.specs import transformer_engine_available
+
+        if not transformer_engine_available():
+            # Without TE the local spec's torch norms refuse sequence parallelism on GPU
+            # (megamod.cpu_compat lifts that on CPU only).
+            raise ConfigError(
+                "parallel.sequence_parallel=true on GPU needs transformer-engine: "
+                'pip install -e ".[gpu]", or set parallel.sequence_parallel=false'
+            )
 
 
 def seed_everything(seed: int) -> None:

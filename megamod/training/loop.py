@@ -27,10 +27,9 @@ from megamod.data.loader import TrainLoader, build_train_loader, prepare_tiny_sh
 from megamod.data.tokenizer import Tokenizer, load_tokenizer
 from megamod.errors import ConfigError
 from megamod.models.llava import LLaVA, padded_vocab_size
-from megamod.parallel import dist_env_from
+from megamod.parallel import check_device_support, dist_env_from
 from megamod.training import checkpoint
 from megamod.training.logging import MetricsLogger
-from megamod.training.precision import check_precision_supported
 from megamod.training.optimizer import build_optimizer, build_scheduler, wrap_model
 
 logger = logging.getLogger("megamod")
@@ -111,7 +110,7 @@ def check_batch_split(config: Config) -> None:
 def setup(config: Config) -> TrainState:
     """Model, optimizer, schedule and data, resumed from `checkpoint.load` if set."""
     check_batch_split(config)
-    check_precision_supported(config)
+    check_device_support(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer)
     ddp_model = wrap_model(config, model)

@@ -18,7 +18,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megamod.config import Config
-from megamod.errors import ConfigError
 from megamod.models.llava import LLaVA
 from megamod.models.transformer_configs import DTYPES
 
@@ -45,11 +44,6 @@ def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:
 
 def build_optimizer(config: Config, model: DistributedDataParallel) -> MegatronOptimizer:
     train, dtype = config.train, config.precision.params_dtype
-    if config.parallel.use_distributed_optimizer and not torch.cuda.is_available():
-        # distrib_optimizer.py only accepts torch.cuda.*Tensor params.
-        raise ConfigError(
-            "parallel.use_distributed_optimizer=true needs GPUs: set it to false on CPU"
-        )
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
