@@ -45,22 +45,14 @@ def _to_cpu_device(device: Any) -> Any:
 
 
 class _CpuStream:
-    """Stand-in for `torch.cuda.Stream`: on CPU every op is synchronous."""
+    """Stand-in for `torch.cuda.Stream`: on CPU every op is synchronous, so waiting on
+    another stream (param_and_grad_buffer.py's overlap path) is a no-op."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def wait_stream(self, stream: Any) -> None:
         pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> None:
-        return None
 
 
 def _patch_torch_cuda() -> None:
@@ -73,7 +65,7 @@ def _patch_torch_cuda() -> None:
     # distributed_data_parallel.py: `torch.cuda.synchronize()` around collectives.
     cuda.synchronize = lambda device=None: None
     cuda.empty_cache = lambda: None
-    # distributed_data_parallel.py and the MoE dispatchers create side streams.
+    # distributed_data_parallel.py creates a side stream for overlapped grad reduction.
     cuda.Stream = _CpuStream
     cuda.current_stream = lambda device=None: _CpuStream()
     cuda.default_stream = lambda device=None: _CpuStream()
