@@ -27,8 +27,10 @@ def train_command(argv: list[str]) -> int:
         return 2
     config = load_config(argv[0], argv[1:])  # fails before any process group exists
 
+    from megamod.training.logging import setup_console_logging, silence_upstream_warnings
+
+    silence_upstream_warnings()
     from megamod.parallel import destroy_distributed, init_distributed
-    from megamod.training.logging import setup_console_logging
     from megamod.training.loop import train
 
     init_distributed(config.parallel, config.train.seed)

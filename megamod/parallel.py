@@ -71,6 +71,11 @@ def dist_env_from(environ: os._Environ | dict) -> DistEnv:
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     """Create the default process group and megatron-core's parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.rerun_state_machine import (
+        RerunMode,
+        destroy_rerun_state_machine,
+        initialize_rerun_state_machine,
+    )
 
     env = dist_env_from(os.environ)
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
@@ -102,6 +107,10 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
     )
+    # As Megatron-LM's initialize does; megatron-core would otherwise create it implicitly
+    # (with a warning) on first use. Disabled: no re-running of suspicious steps.
+    destroy_rerun_state_machine()  # a process may re-initialise with another layout
+    initialize_rerun_state_machine(mode=RerunMode.DISABLED)
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -12,6 +14,27 @@ import torch
 from megamod.parallel import is_rank_zero
 
 logger = logging.getLogger("megamod")
+
+
+# megatron-core warnings that a megamod user cannot act on (message prefixes).
+_UPSTREAM_NOISE = (
+    "full scope is deprecated",  # raised by TransformerConfig's own default
+    "`torch.distributed.all_gather_into_tensor` is deprecated",  # megatron-core's calls
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+)
+# ... and those that only say a CPU has no CUDA libraries (on a GPU they are worth reading).
+_CPU_NOISE = (
+    "Apex is not installed",
+    "Transformer Engine and Apex are not installed",
+    "When using async grad allreduce it is recommended to set the environment variable CUDA",
+)
+
+
+def silence_upstream_warnings() -> None:
+    """Keep the console to our log lines. Call before megatron-core is imported."""
+    noise = _UPSTREAM_NOISE + (() if torch.cuda.is_available() else _CPU_NOISE)
+    for prefix in noise:
+        warnings.filterwarnings("ignore", message=re.escape(prefix))
 
 
 def setup_console_logging() -> None:
