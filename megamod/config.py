@@ -382,8 +382,3 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             f"{key} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})"
         )
     return value
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain data (for logs and checkpoints)."""
-    return dataclasses.asdict(config)
