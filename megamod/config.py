@@ -22,7 +22,9 @@ import yaml
 
 from megamod.errors import ConfigError
 
-TRAINABLE_PARTS = ("vision", "projector", "language")
+# `moe`: the experts and routers of the MoE layers (MoE-LLaVA stage 3 trains only these);
+# `language` covers the whole decoder, experts included.
+TRAINABLE_PARTS = ("vision", "projector", "language", "moe")
 
 
 @dataclass
@@ -113,10 +115,75 @@ class ModelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts decoder layers (megatron-core's MoELayer), MoE-LLaVA's settings as
+    defaults. Names are Megatron-LM's `--moe-*` flags without the prefix."""
+
+    # None: a dense decoder. MoE-LLaVA: 4.
+    num_experts: Optional[int] = None
+    router_topk: int = 2
+    # An int K puts MoE on layers 0, K, 2K, ... (MoE-LLaVA's "sparse" mode is K = 2); a
+    # list gives 1 (MoE) or 0 (dense) per decoder layer.
+    layer_freq: int | list[int] = 2
+    # The load-balancing loss E * sum_i f_i * P_i per MoE layer, summed over layers (see
+    # megamod.moe for how it relates to MoE-LLaVA's DeepSpeed gate).
+    aux_loss_coeff: float = 0.01
+    # ST-MoE's router z-loss; 0 = off (MoE-LLaVA uses none).
+    z_loss_coeff: float = 0.0
+    # None: dropless. Otherwise each expert takes at most capacity_factor x its fair share
+    # of tokens per micro-batch (MoE-LLaVA trains with 1.5); the rest skip the experts.
+    capacity_factor: Optional[float] = None
+    # Which tokens an over-full expert drops: the lowest router probabilities or the last.
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    pad_expert_input_to_capacity: bool = False
+    token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    router_dtype: Literal["fp32", "fp64"] = "fp32"
+    # The experts' FFN width; None = model.language.ffn_hidden_size (upcycling copies it).
+    ffn_hidden_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.num_experts is None:
+            return
+        if self.num_experts < 2:
+            raise ConfigError(f"moe.num_experts={self.num_experts} must be >= 2 (null = dense)")
+        if not 1 <= self.router_topk <= self.num_experts:
+            raise ConfigError(
+                f"moe.router_topk={self.router_topk} must be between 1 and "
+                f"moe.num_experts={self.num_experts}"
+            )
+        if isinstance(self.layer_freq, int) and self.layer_freq < 1:
+            raise ConfigError(f"moe.layer_freq={self.layer_freq} must be >= 1")
+        if isinstance(self.layer_freq, list) and set(self.layer_freq) - {0, 1}:
+            raise ConfigError(f"moe.layer_freq={self.layer_freq}: a list holds 0 or 1 per layer")
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name} must be >= 0")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(
+                f"moe.capacity_factor={self.capacity_factor} must be > 0 (null = dropless)"
+            )
+        if self.pad_expert_input_to_capacity and self.capacity_factor is None:
+            raise ConfigError(
+                "moe.pad_expert_input_to_capacity=true needs moe.capacity_factor: set one"
+            )
+
+    def layer_pattern(self, num_layers: int) -> list[int]:
+        """1 (MoE) or 0 (dense) per decoder layer; all 0 for a dense model."""
+        if self.num_experts is None:
+            return [0] * num_layers
+        if isinstance(self.layer_freq, int):
+            return [int(i % self.layer_freq == 0) for i in range(num_layers)]
+        return list(self.layer_freq)
+
+
+@dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    # Tensor parallelism inside each expert; None = tensor_model_parallel_size. With
+    # expert_model_parallel_size=2 on the 2 ranks of TP=2, set it to 1.
+    expert_tensor_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
 
@@ -125,6 +192,8 @@ class ParallelConfig:
                      "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
+        if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
+            raise ConfigError("parallel.expert_tensor_parallel_size must be >= 1 (or null)")
         if self.pipeline_model_parallel_size != 1:
             raise ConfigError(
                 "parallel.pipeline_model_parallel_size > 1 is not supported yet: "
@@ -206,7 +275,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     # Which parts train; the others are frozen (no gradients, no optimizer state).
-    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE_PARTS))
+    trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "language"])
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
@@ -258,6 +327,7 @@ class CheckpointConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -294,6 +364,49 @@ class Config:
             )
         if self.checkpoint.save_interval is not None and self.checkpoint.save_dir is None:
             raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        moe, parallel = self.moe, self.parallel
+        ep = parallel.expert_model_parallel_size
+        if moe.num_experts is None:
+            if ep > 1:
+                raise ConfigError(
+                    f"parallel.expert_model_parallel_size={ep} needs MoE layers: set "
+                    "moe.num_experts or expert_model_parallel_size=1"
+                )
+            if "moe" in self.train.trainable:
+                raise ConfigError(
+                    "train.trainable names 'moe' but the model has no MoE layers: set "
+                    "moe.num_experts or drop 'moe'"
+                )
+            return
+        if moe.num_experts % ep:
+            raise ConfigError(
+                f"moe.num_experts={moe.num_experts} is not divisible by "
+                f"parallel.expert_model_parallel_size={ep}: pick an EP size that divides it"
+            )
+        num_layers = self.model.language.num_layers
+        if isinstance(moe.layer_freq, list) and len(moe.layer_freq) != num_layers:
+            raise ConfigError(
+                f"moe.layer_freq has {len(moe.layer_freq)} entries but the decoder has "
+                f"model.language.num_layers={num_layers}: give one 0/1 per layer"
+            )
+        if not any(moe.layer_pattern(num_layers)):
+            raise ConfigError(f"moe.layer_freq={moe.layer_freq} puts MoE on no layer")
+        # megatron-core's MoELayer refuses to train with TP > 1 unless the sequence is split.
+        if parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+            raise ConfigError(
+                "MoE layers with parallel.tensor_model_parallel_size > 1 need "
+                "parallel.sequence_parallel=true (megatron-core requires it)"
+            )
+        etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+        ffn = moe.ffn_hidden_size or self.model.language.ffn_hidden_size
+        if ffn % etp:
+            raise ConfigError(
+                f"the experts' FFN width {ffn} (moe.ffn_hidden_size) is not divisible by "
+                f"parallel.expert_tensor_parallel_size={etp}"
+            )
 
 
 # ---------------------------------------------------------------------------- loading
@@ -358,8 +471,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # `int | list[int]`: the list form when a list is given
+            is_list = isinstance(value, list)
+            inner = [a for a in inner if (typing.get_origin(a) is list) == is_list]
+        return _convert(inner[0], value, key)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

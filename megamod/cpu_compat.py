@@ -13,7 +13,8 @@ Three mechanisms, each the narrowest that works:
    name `torch` whose factory functions map that device to the CPU. Only the modules
    listed in `_CUDA_LITERAL_MODULES` (each with the upstream spot it answers).
 3. Single upstream functions or classes that cannot be redirected are replaced (RNG
-   tracker state get/set, the torch norm wrapper under sequence parallelism).
+   tracker state get/set, the torch norm wrapper under sequence parallelism, the MoE
+   router's TE gemm name and the alltoall dispatcher's split sizes).
 
 Every patch here is exercised by tests/test_cpu_compat.py or the distributed tests.
 """
@@ -52,6 +53,18 @@ class _CpuStream:
         pass
 
     def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def record_event(self) -> "_CpuEvent":
+        # moe/token_dispatcher.py: the alltoall dispatcher records an event on its
+        # device-to-host stream and later synchronises on it.
+        return _CpuEvent()
+
+
+class _CpuEvent:
+    """Stand-in for `torch.cuda.Event`: nothing is asynchronous on CPU."""
+
+    def synchronize(self) -> None:
         pass
 
 
@@ -187,6 +200,30 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def _patch_moe() -> None:
+    """Mechanism 3d: megatron-core's MoE on CPU (local experts, no TE).
+
+    - moe/moe_utils.py imports `te_general_gemm` only when TE imports, then tests
+      `te_general_gemm is not None` in `RouterGatingLinearFunction`: a NameError without
+      TE. Define it as None, the value upstream means by "not available".
+    - moe/token_dispatcher.py (alltoall) moves split sizes to the host with
+      `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only CUDA tensors;
+      on CPU the tensors reach `all_to_all_single` as split sizes (TypeError). The
+      replacement converts CPU tensors to numpy too, as the GPU path returns.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def apply() -> None:
     """Apply every CPU patch once. Must run before any megatron-core model is built."""
     global _applied
@@ -198,4 +235,5 @@ def apply() -> None:
     _patch_rng_tracker()
     _patch_torch_norm()
     _patch_clip_grads()
+    _patch_moe()
     _applied = True

@@ -78,13 +78,14 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     )
 
     env = dist_env_from(os.environ)
-    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
-    if env.world_size % model_parallel or env.world_size % parallel.expert_model_parallel_size:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size or tp
+    if env.world_size % (tp * pp) or env.world_size % (ep * etp * pp):
         raise ConfigError(
             f"{env.world_size} processes cannot be split into tensor_model_parallel_size="
-            f"{parallel.tensor_model_parallel_size} x pipeline_model_parallel_size="
-            f"{parallel.pipeline_model_parallel_size} groups (or expert_model_parallel_size="
-            f"{parallel.expert_model_parallel_size}): change parallel.* or the process count"
+            f"{tp} x pipeline_model_parallel_size={pp} groups, or into "
+            f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} x "
+            f"pipeline_model_parallel_size={pp} groups: change parallel.* or the process count"
         )
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
@@ -106,6 +107,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
     # As Megatron-LM's initialize does; megatron-core would otherwise create it implicitly
     # (with a warning) on first use. Disabled: no re-running of suspicious steps.

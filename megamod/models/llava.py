@@ -15,16 +15,19 @@ text is tokenised. Attribute names follow `LLaVAModel` (`vision_model`,
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.module import MegatronModule
 
 from megamod.config import Config
 from megamod.models import specs
 from megamod.models.transformer_configs import transformer_configs
+from megamod.moe.router import MicroBatchInfo, TopKRouterWithStats
+from megamod.moe.stats import RoutingStats
 
 # Megatron-LM's GPT datasets mark positions without loss with a loss mask; labels there
 # are replaced by this valid id so the vocab-parallel cross entropy can index them.
@@ -70,7 +73,7 @@ class LLaVA(MegatronModule):
         )
         self.language_model = GPTModel(
             configs.language,
-            specs.language_layer_spec(use_te, language.normalization),
+            specs.decoder_block_spec(configs.language, use_te),
             vocab_size=vocab_size,
             max_sequence_length=language.seq_length,
             share_embeddings_and_output_weights=not language.untie_embeddings_and_output_weights,
@@ -79,6 +82,14 @@ class LLaVA(MegatronModule):
             # Image features are merged into the full sequence first, then scattered.
             scatter_embedding_sequence_parallel=False,
         )
+        # What the MoE routers learn about each micro-batch, and what they report back.
+        self.micro_batch = MicroBatchInfo()
+        self.routing_stats = None
+        if config.moe.num_experts is not None:
+            pattern = config.moe.layer_pattern(language.num_layers)
+            self.routing_stats = RoutingStats(pattern, config.moe.num_experts)
+            for router in self.routers():
+                router.micro_batch, router.stats = self.micro_batch, self.routing_stats
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         # Called by megatron-core's schedules; only meaningful with pipeline parallelism.
@@ -112,6 +123,8 @@ class LLaVA(MegatronModule):
     ) -> torch.Tensor:
         """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP]."""
         decoder_input = self.embed(tokens, images)
+        if self.routing_stats is not None:
+            self._describe_micro_batch(tokens, loss_mask)
         if self.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         if labels is not None and loss_mask is not None:
@@ -125,15 +138,39 @@ class LLaVA(MegatronModule):
             labels=labels,
         )
 
+    def _describe_micro_batch(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
+        """Tell the routers which of their tokens are image tokens, and the share of the
+        micro-batch's tokens that carry loss (for the aux-loss weight)."""
+        is_image = (tokens == self.image_token_id).transpose(0, 1)  # router order: [s, b]
+        if self.sequence_parallel:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            is_image = is_image.chunk(tp, dim=0)[rank]
+        self.micro_batch.token_is_image = is_image.reshape(-1)
+        self.micro_batch.loss_token_fraction = (
+            loss_mask.float().mean() if loss_mask is not None else None
+        )
+
+    def routers(self) -> list[TopKRouterWithStats]:
+        return [m for m in self.language_model.modules() if isinstance(m, TopKRouterWithStats)]
+
     def parts(self) -> dict[str, torch.nn.Module]:
-        """The freezable parts, by the names `train.trainable` uses."""
+        """The freezable parts, by the names `train.trainable` uses. `language` is the whole
+        decoder; `moe` its MoE layers' experts and routers (MoE-LLaVA's stage 3)."""
+        moe_layers = [
+            layer.mlp for layer in self.language_model.decoder.layers
+            if isinstance(layer.mlp, BaseMoELayer)
+        ]
         return {
             "vision": self.vision_model,
             "projector": self.vision_projection,
             "language": self.language_model,
+            "moe": torch.nn.ModuleList(moe_layers),
         }
 
     def freeze(self, trainable: list[str]) -> None:
         """Parts not named in `trainable` get no gradients (and so no optimizer state)."""
-        for name, part in self.parts().items():
-            part.requires_grad_(name in trainable)
+        self.requires_grad_(False)
+        parts = self.parts()
+        for name in trainable:
+            parts[name].requires_grad_(True)

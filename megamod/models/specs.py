@@ -2,7 +2,9 @@
 
 The model builds what it is given; the choices live here. Transformer-engine modules
 when TE and a GPU are present, megatron-core's local (pure torch) modules otherwise.
-MoE and MoD layers will enter as further specs.
+The decoder is a list of layer specs: dense layers, and MoE layers where
+`moe.layer_freq` puts them (megatron-core's MoELayer with our recording router). MoD
+layers will enter the same way, wrapping these.
 """
 
 from __future__ import annotations
@@ -10,10 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.models.vision.vit_layer_specs import (
     get_vit_layer_with_local_spec,
     get_vit_layer_with_transformer_engine_spec,
@@ -21,8 +20,13 @@ from megatron.core.models.vision.vit_layer_specs import (
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megamod.moe.router import TopKRouterWithStats
 
 
 def transformer_engine_available() -> bool:
@@ -36,11 +40,20 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def language_layer_spec(use_te: bool, normalization: str) -> ModuleSpec:
-    """A Llama-style decoder layer (causal self-attention + MLP)."""
-    if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=normalization)
+def decoder_block_spec(config: TransformerConfig, use_te: bool) -> TransformerBlockSubmodules:
+    """Llama-style decoder layers (causal self-attention + MLP or MoE), one spec per layer.
+
+    megatron-core's own block spec reads `config.moe_layer_freq` to place MoE layers;
+    their router becomes `TopKRouterWithStats` (upstream's TopKRouter that also reports
+    where it sent each token, for per-modality expert load)."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization=config.normalization
+    )
+    for spec in block.layer_specs:
+        mlp = spec.submodules.mlp
+        if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
+            mlp.submodules.router = TopKRouterWithStats
+    return block
 
 
 def vision_layer_spec(use_te: bool) -> ModuleSpec:

@@ -10,6 +10,7 @@ from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamod.config import Config
+from megamod.models.specs import transformer_engine_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,7 +28,6 @@ def _common(config: Config) -> dict:
     return dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
         params_dtype=DTYPES[dtype_name],
         pipeline_dtype=DTYPES[dtype_name],
         bf16=dtype_name == "bf16",
@@ -48,6 +48,33 @@ def _common(config: Config) -> dict:
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+    )
+
+
+def _moe(config: Config) -> dict:
+    """megatron-core's MoE fields; none at all for a dense decoder (TransformerConfig
+    refuses MoE settings without experts)."""
+    moe = config.moe
+    if moe.num_experts is None:
+        return {}
+    return dict(
+        expert_model_parallel_size=config.parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.parallel.expert_tensor_parallel_size,
+        num_moe_experts=moe.num_experts,
+        moe_layer_freq=moe.layer_freq,
+        moe_ffn_hidden_size=moe.ffn_hidden_size or config.model.language.ffn_hidden_size,
+        moe_router_topk=moe.router_topk,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        # None switches the z-loss off; upstream divides by the coefficient when logging.
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.token_drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
+        moe_token_dispatcher_type=moe.token_dispatcher_type,
+        moe_router_dtype=moe.router_dtype,
+        # Grouped GEMM needs TE's kernels; without them each expert is an MLP (SequentialMLP).
+        moe_grouped_gemm=transformer_engine_available(),
     )
 
 
@@ -94,5 +121,6 @@ def transformer_configs(config: Config) -> TransformerConfigs:
         add_qkv_bias=False,
         sequence_parallel=config.parallel.sequence_parallel,
         **common,
+        **_moe(config),
     )
     return TransformerConfigs(vision=vision, projector=projector, language=language)

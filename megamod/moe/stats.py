@@ -1,0 +1,114 @@
+"""Where the routers send tokens: expert load per MoE layer, split by modality.
+
+MoE-LLaVA's analysis (paper section 4.4) plots, per MoE layer, the share of tokens each
+expert receives, separately for text and image tokens. `RoutingStats` accumulates
+exactly that while the model trains or evaluates (the router hands over its final
+routing map: after capacity dropping), so it can be logged live and printed by
+`megamod inspect --routing`.
+
+Definitions (per layer): `load[e]` = expert-slots filled by expert e / all filled slots
+(a distribution over experts); `dropped_fraction` = 1 - filled slots / (tokens x top-k),
+the share of choices an expert's capacity refused. Image tokens are the `<image>`
+placeholder positions; every other position (prompt, answer, padding) counts as text.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+MODALITIES = ("text", "image")
+
+
+class RoutingStats:
+    """Counts of routed tokens per (layer, modality, expert), summed until `reset()`."""
+
+    def __init__(self, layer_pattern: list[int], num_experts: int) -> None:
+        self.moe_layers = [i for i, is_moe in enumerate(layer_pattern) if is_moe]
+        self.num_experts = num_experts
+        num_layers = len(layer_pattern)
+        # [layer, modality, expert] filled slots; [layer, modality] tokens routed.
+        self.counts = torch.zeros(num_layers, len(MODALITIES), num_experts, dtype=torch.float64)
+        self.tokens = torch.zeros(num_layers, len(MODALITIES), dtype=torch.float64)
+        self.topk = 1
+
+    def record(
+        self, layer: int, routing_map: torch.Tensor, token_is_image: Optional[torch.Tensor], topk: int
+    ) -> None:
+        """routing_map: [tokens, experts] bool, this rank's tokens of one micro-batch."""
+        with torch.no_grad():
+            if token_is_image is None:
+                token_is_image = torch.zeros(routing_map.shape[0], dtype=torch.long)
+            modality = token_is_image.to(routing_map.device, torch.long).reshape(-1)
+            if self.counts.device != routing_map.device:
+                self.counts = self.counts.to(routing_map.device)
+                self.tokens = self.tokens.to(routing_map.device)
+            one_hot = torch.nn.functional.one_hot(modality, len(MODALITIES)).to(torch.float64)
+            self.counts[layer] += one_hot.T @ routing_map.to(torch.float64)
+            self.tokens[layer] += one_hot.sum(0)
+            self.topk = topk
+
+    def all_reduce(self, group: torch.distributed.ProcessGroup) -> None:
+        """Sum over the ranks that hold different tokens (sequence- and data-parallel)."""
+        packed = torch.cat([self.counts.flatten(), self.tokens.flatten()])
+        torch.distributed.all_reduce(packed, group=group)
+        n = self.counts.numel()
+        self.counts = packed[:n].view_as(self.counts)
+        self.tokens = packed[n:].view_as(self.tokens)
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.tokens.zero_()
+
+    def load(self, modality: Optional[str] = None) -> np.ndarray:
+        """[MoE layers, experts]: each row the share of filled slots per expert."""
+        counts = self.counts[self.moe_layers]
+        counts = counts.sum(1) if modality is None else counts[:, MODALITIES.index(modality)]
+        counts = counts.cpu().numpy()
+        return counts / np.maximum(counts.sum(1, keepdims=True), 1)
+
+    def dropped_fraction(self) -> np.ndarray:
+        """[MoE layers]: the share of top-k choices refused by a full expert."""
+        filled = self.counts[self.moe_layers].sum((1, 2)).cpu().numpy()
+        wanted = self.tokens[self.moe_layers].sum(1).cpu().numpy() * self.topk
+        return 1.0 - filled / np.maximum(wanted, 1)
+
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard tags: moe/expert_load[/text|/image]/layer<i>/expert<j>, moe/dropped_fraction."""
+        out: dict[str, float] = {}
+        for modality in (None, *MODALITIES):
+            prefix = "moe/expert_load" + (f"/{modality}" if modality else "")
+            for row, layer in zip(self.load(modality), self.moe_layers):
+                for expert, share in enumerate(row):
+                    out[f"{prefix}/layer{layer}/expert{expert}"] = float(share)
+        out["moe/dropped_fraction"] = float(self.dropped_fraction().mean())
+        return out
+
+    def table(self) -> dict:
+        """Everything above as plain lists (for `inspect --routing --json`)."""
+        return {
+            "moe_layers": self.moe_layers,
+            "tokens": {m: self.tokens[self.moe_layers, i].sum().item() for i, m in enumerate(MODALITIES)},
+            "load": self.load().tolist(),
+            **{f"load_{m}": self.load(m).tolist() for m in MODALITIES},
+            "dropped_fraction": self.dropped_fraction().tolist(),
+        }
+
+    def heatmap(self, cell: int = 12) -> np.ndarray:
+        """An RGB image [3, H, W] for TensorBoard: layers down, experts across; panels
+        all | text | image side by side; dark = few tokens, bright = many."""
+        panels = []
+        for modality in (None, *MODALITIES):
+            load = self.load(modality) * self.num_experts / 2  # uniform share -> 0.5
+            panels.append(np.clip(load, 0.0, 1.0))
+            panels.append(np.full((load.shape[0], 1), np.nan))  # a gap between panels
+        grid = np.concatenate(panels[:-1], axis=1)
+        grid = np.kron(grid, np.ones((cell, cell)))
+        gap = np.isnan(grid)
+        grid = np.nan_to_num(grid)
+        # A blue -> yellow ramp, readable without matplotlib.
+        rgb = np.stack([grid, 0.3 + 0.6 * grid, 1.0 - grid])
+        rgb[:, gap] = 1.0
+        return rgb.astype(np.float32)
