@@ -7,12 +7,15 @@ A process killed mid-write leaves the temporary folder behind, never a torn
 `iter_*` named as latest; the next save removes it.
 
 Model and optimizer state are sharded tensors, so a checkpoint loads at another TP
-size. Scheduler, data position and iteration are common state (written once). RNG
-states are per rank and restored only when the parallel layout is unchanged.
+(and EP) size. Scheduler, data position, iteration and the run's whole config are common
+state (written once): tools read the model shape from it (`saved_config`), and a run
+whose MoE layout disagrees with its checkpoint is told which key to change. RNG states
+are per rank and restored only when the parallel layout is unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -26,6 +29,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint import CheckpointException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megamod.config import Config, build_dataclass
 from megamod.errors import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -61,6 +65,7 @@ def parallel_layout() -> dict[str, int]:
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
         "world_size": torch.distributed.get_world_size(),
     }
 
@@ -96,8 +101,11 @@ def save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     data_state: dict[str, Any],
+    config: Config,
 ) -> Path:
-    """Write iteration `iteration` and make it the latest, atomically. Collective."""
+    """Write iteration `iteration` and make it the latest, atomically. Collective.
+    `optimizer` and `scheduler` may be None (a weights-only checkpoint, as `upcycle`
+    writes): `checkpoint.finetune` loads it."""
     save_dir = Path(save_dir)
     tmp_dir = save_dir / f"{_TMP_PREFIX}{iteration:07d}"
     final_dir = iteration_dir(save_dir, iteration)
@@ -112,13 +120,15 @@ def save_checkpoint(
     model_state = model.sharded_state_dict()
     state = {
         "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state),
-        "scheduler": scheduler.state_dict(),
         "data": data_state,
         "iteration": iteration,
         "parallel": parallel_layout(),
+        "config": dataclasses.asdict(config),
         "rng_state": _sharded_rng(_rng_state()),
     }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, str(tmp_dir))
     torch.distributed.barrier()
 
@@ -159,6 +169,54 @@ def _load(sharded: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
         ) from None
 
 
+def saved_config(load_dir: str | Path) -> Config | None:
+    """The config the latest checkpoint of `load_dir` was written with (None if it
+    predates the field)."""
+    ckpt_dir = iteration_dir(load_dir, read_latest_iteration(load_dir))
+    raw = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("config")
+    return None if raw is None else build_dataclass(Config, raw, prefix="")
+
+
+def check_moe_layout(load_dir: str | Path, config: Config) -> None:
+    """Refuse, naming the key and the fix, a config whose MoE layers do not match the
+    checkpoint's (dist_checkpointing's own error names only a missing tensor)."""
+    saved = saved_config(load_dir)
+    if saved is None:
+        return
+    num_layers = config.model.language.num_layers
+
+    def layout(c: Config) -> dict[str, Any]:
+        moe = c.moe
+        return {
+            "moe.num_experts": moe.num_experts,
+            "moe.layer_freq": moe.layer_pattern(c.model.language.num_layers),
+            "moe.ffn_hidden_size": None if moe.num_experts is None
+            else moe.ffn_hidden_size or c.model.language.ffn_hidden_size,
+        }
+
+    theirs, ours = layout(saved), layout(config)
+    if saved.model.language.num_layers != num_layers or theirs == ours:
+        return  # another architecture altogether: the tensor-level error says more
+    wrong = [k for k in ours if ours[k] != theirs[k]]
+    fixes = " ".join(f"{k}={_yaml(theirs[k])}" for k in wrong)
+    hint = ""
+    if theirs["moe.num_experts"] is None:
+        hint = " (to turn this dense checkpoint into a MoE one, run `megamod upcycle`)"
+    raise CheckpointError(
+        f"checkpoint {load_dir} has a different MoE layout: "
+        + ", ".join(f"{k} is {_yaml(theirs[k])} there but {_yaml(ours[k])} here" for k in wrong)
+        + f". Set {fixes}{hint}"
+    )
+
+
+def _yaml(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
 def load_model_weights(load_dir: str | Path, model: torch.nn.Module) -> int:
     """Load only the model (`checkpoint.finetune`); any TP size. Returns the iteration."""
     iteration = read_latest_iteration(load_dir)
@@ -174,6 +232,11 @@ def load_checkpoint(
     iteration = read_latest_iteration(load_dir)
     ckpt_dir = iteration_dir(load_dir, iteration)
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    if "scheduler" not in common:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} holds model weights only (no optimizer state to resume): "
+            f"load it with checkpoint.finetune=true"
+        )
     same_layout = common["parallel"] == parallel_layout()
 
     model_state = model.sharded_state_dict()

@@ -119,6 +119,8 @@ def setup(config: Config) -> TrainState:
     loader = build_loader(config, tokenizer)
     state = TrainState(config, ddp_model, optimizer, scheduler, loader)
     ckpt = config.checkpoint
+    if ckpt.load is not None:
+        checkpoint.check_moe_layout(ckpt.load, config)
     if ckpt.load is not None and ckpt.finetune:
         checkpoint.load_model_weights(ckpt.load, model)
         logger.info(f"loaded model weights from {ckpt.load} (finetune: fresh optimizer and data)")
@@ -237,7 +239,7 @@ def train(config: Config) -> list[float]:
         if ckpt.save_dir and (last or (interval and state.iteration % interval == 0)):
             path = checkpoint.save_checkpoint(
                 ckpt.save_dir, state.iteration, unwrap_model(state.model), state.optimizer,
-                state.scheduler, state.loader.state_dict(),
+                state.scheduler, state.loader.state_dict(), config,
             )
             logger.info(f"saved checkpoint {path}")
     metrics.close()
