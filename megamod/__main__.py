@@ -1,6 +1,7 @@
 """`python -m megamod <command>` and the `megamod` console script.
 
-Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`.
+Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`, `upcycle ...`,
+`inspect ...`.
 Exit codes: 0 success, 2 bad config or input (the message names the key or file),
 1 anything else (a bug: the traceback is printed).
 """
@@ -16,6 +17,9 @@ USAGE = """usage: megamod <command> [args]
 commands:
   train CONFIG.yaml [key.sub=value ...]   train (under torchrun or srun for several processes)
   build-shards --format {llava,mimicit} ...  build WebDataset shards (see --help)
+  upcycle --input CKPT --output CKPT --num-experts N --layer-freq K
+                                          turn a dense checkpoint into a MoE one (see --help)
+  inspect CKPT_DIR [--routing --data SHARDS]  describe a checkpoint (see --help)
 """
 
 
@@ -48,7 +52,24 @@ def build_shards_command(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": train_command, "build-shards": build_shards_command}
+def upcycle_command(argv: list[str]) -> int:
+    from megamod.moe.upcycle import main
+
+    return main(argv)
+
+
+def inspect_command(argv: list[str]) -> int:
+    from megamod.inspector import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "train": train_command,
+    "build-shards": build_shards_command,
+    "upcycle": upcycle_command,
+    "inspect": inspect_command,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

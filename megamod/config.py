@@ -311,6 +311,9 @@ class StabilityConfig:
 class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
+    # MoE: a layers x experts expert-load image (all | text | image tokens) every N
+    # iterations, at a log step; 0 = never.
+    moe_heatmap_interval: int = 100
 
 
 @dataclass

@@ -1,13 +1,17 @@
 """megatron-core's TopKRouter, told about the micro-batch it routes.
 
 The routing itself (gating, top-k, capacity dropping, aux and z losses) is upstream's.
-Two things are added, fed by `MicroBatchInfo` that the LLaVA model fills before each
-forward:
+Added, fed by `MicroBatchInfo` that the LLaVA model fills before each forward:
 - every routing decision is handed to `RoutingStats` (expert load per layer and per
   modality, dropped tokens: MoE-LLaVA's routing analysis, live);
-- the load-balancing loss is weighted per LOSS token of the micro-batch instead of per
-  routed token, so `moe.aux_loss_coeff` means what MoE-LLaVA's `router_aux_loss_coef`
-  means (the derivation is in `megamod.moe`'s docstring).
+- the load-balancing and z losses are weighted per LOSS token of the micro-batch instead
+  of per routed token, so `moe.aux_loss_coeff` means what MoE-LLaVA's
+  `router_aux_loss_coef` means (the derivation is in `megamod.moe`'s docstring);
+- megatron-core 0.16.1 weights both losses 1/TP too little under sequence parallelism
+  (each TP rank scales its partial loss by its own token count, then the router's
+  gradients are summed over TP); fixed as upstream later did (Megatron-LM PR #5047:
+  multiply by the TP x CP group size). tests/moe/test_parallel.py shows TP=2+SP equal to
+  TP=1 with both losses on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+    z_loss_func,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 
 
@@ -46,6 +55,14 @@ class TopKRouterWithStats(TopKRouter):
             self.stats.record(self.layer_number - 1, routing_map, image, self.topk)
         return probs, routing_map
 
+    def _loss_token_weight(self, routed_tokens: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+        """What an aux loss is multiplied by before megatron-core divides every gradient by
+        the global number of loss tokens: this rank's routed tokens x the TP x CP size
+        (upstream's later fix), x the micro-batch's loss-token share (MoE-LLaVA's weight)."""
+        weight = routed_tokens * self.tp_cp_group.size()
+        fraction = self.micro_batch.loss_token_fraction if self.micro_batch is not None else None
+        return weight if fraction is None else weight * fraction
+
     def attach_and_log_load_balancing_loss(
         self,
         activation: torch.Tensor,
@@ -56,15 +73,28 @@ class TopKRouterWithStats(TopKRouter):
         reduce_group_has_dp: bool = False,
         valid_token_count: Optional[Union[int, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        # Upstream multiplies the aux loss by valid_token_count (the routed tokens on this
-        # rank) because the total gradient is later divided by the global number of loss
-        # tokens. Scaling by this rank's share of the LOSS tokens instead makes the aux
-        # term weigh coeff x aux per micro-batch against the mean LM loss, as in MoE-LLaVA.
-        fraction = self.micro_batch.loss_token_fraction if self.micro_batch is not None else None
-        if fraction is not None and self.calculate_per_token_loss:
+        # Upstream multiplies the aux loss by valid_token_count; hand it the full weight.
+        if self.calculate_per_token_loss:
             routed = valid_token_count if valid_token_count is not None else activation.shape[0]
-            valid_token_count = routed * fraction
+            valid_token_count = self._loss_token_weight(routed)
         return super().attach_and_log_load_balancing_loss(
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
             reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
         )
+
+    def apply_z_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Upstream's ST-MoE z-loss, attached with `_loss_token_weight` (the only change)."""
+        if self.config.moe_z_loss_coeff is None or not self.training or not torch.is_grad_enabled():
+            return logits
+        # Each TP/CP rank holds part of the tokens: average its partial z-loss over them.
+        moe_z_loss_coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+        z_loss = z_loss_func(logits, moe_z_loss_coeff, padding_mask=padding_mask)
+        if self.calculate_per_token_loss:
+            routed = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
+            logits = MoEAuxLossAutoScaler.apply(logits, z_loss * self._loss_token_weight(routed))
+        else:
+            logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
+        save_to_aux_losses_tracker(
+            "z_loss", z_loss / moe_z_loss_coeff, self.layer_number, self.config.num_layers
+        )
+        return logits

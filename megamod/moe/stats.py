@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from megatron.core.transformer.moe import moe_utils
 
 MODALITIES = ("text", "image")
 
@@ -32,6 +33,8 @@ class RoutingStats:
         # [layer, modality, expert] filled slots; [layer, modality] tokens routed.
         self.counts = torch.zeros(num_layers, len(MODALITIES), num_experts, dtype=torch.float64)
         self.tokens = torch.zeros(num_layers, len(MODALITIES), dtype=torch.float64)
+        # Micro-batch forwards this rank recorded per layer (to average per-step losses).
+        self.forwards = torch.zeros(num_layers, dtype=torch.float64)
         self.topk = 1
 
     def record(
@@ -48,6 +51,7 @@ class RoutingStats:
             one_hot = torch.nn.functional.one_hot(modality, len(MODALITIES)).to(torch.float64)
             self.counts[layer] += one_hot.T @ routing_map.to(torch.float64)
             self.tokens[layer] += one_hot.sum(0)
+            self.forwards[layer] += 1
             self.topk = topk
 
     def all_reduce(self, group: torch.distributed.ProcessGroup) -> None:
@@ -61,6 +65,7 @@ class RoutingStats:
     def reset(self) -> None:
         self.counts.zero_()
         self.tokens.zero_()
+        self.forwards.zero_()
 
     def load(self, modality: Optional[str] = None) -> np.ndarray:
         """[MoE layers, experts]: each row the share of filled slots per expert."""
@@ -84,6 +89,27 @@ class RoutingStats:
                 for expert, share in enumerate(row):
                     out[f"{prefix}/layer{layer}/expert{expert}"] = float(share)
         out["moe/dropped_fraction"] = float(self.dropped_fraction().mean())
+        return out
+
+    def loss_scalars(self) -> dict[str, float]:
+        """megatron-core's aux-loss tracker (unscaled load-balancing loss, 1.0 = balanced;
+        z-loss) per MoE layer and their mean, averaged over the micro-batches recorded since
+        the last reset, then cleared. Collective over the ranks of the step; the z-loss is
+        this rank's (upstream tracks it without a reduction group)."""
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        per_forward = 1.0 / self.forwards[self.moe_layers].clamp(min=1).cpu()
+        out: dict[str, float] = {}
+        for name, tag in (("load_balancing_loss", "moe/aux_loss"), ("z_loss", "moe/z_loss")):
+            if name not in tracker:
+                continue
+            values = tracker[name]["values"][self.moe_layers].double().cpu() * per_forward
+            out[tag] = float(values.mean())
+            for layer, value in zip(self.moe_layers, values.tolist()):
+                out[f"{tag}/layer{layer}"] = value
+        moe_utils.clear_aux_losses_tracker()
         return out
 
     def table(self) -> dict:

@@ -67,20 +67,38 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
 
-    def log(self, iteration: int, scalars: dict[str, float], force: bool = False) -> None:
+    # Per-layer / per-expert tags go to TensorBoard only; the console line stays readable.
+    TENSORBOARD_ONLY = re.compile(r"/layer\d+")
+
+    def is_log_step(self, iteration: int, force: bool = False) -> bool:
+        """Whether `log(iteration, ..., force)` will write; the same answer on every rank,
+        so interval-wide collectives (MoE statistics) can run on exactly these steps."""
+        return force or iteration % self.log_interval == 0
+
+    def log(
+        self,
+        iteration: int,
+        scalars: dict[str, float],
+        force: bool = False,
+        images: dict[str, Any] | None = None,
+    ) -> None:
+        """`images`: tag -> float RGB array [3, H, W] in [0, 1], written as they are."""
         self._steps += 1
         for tag in self.AVERAGED:
             if tag in scalars:
                 self._sums[tag] = self._sums.get(tag, 0.0) + scalars[tag]
-        if not (force or iteration % self.log_interval == 0):
+        if not self.is_log_step(iteration, force):
             return
         scalars = {**scalars, **{tag: total / self._steps for tag, total in self._sums.items()}}
         self._sums, self._steps = {}, 0
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)
+            for tag, image in (images or {}).items():
+                self.writer.add_image(tag, image, iteration)
             self.writer.flush()
-        logger.info(json.dumps({"iteration": iteration, **_rounded(scalars)}))
+        console = {k: v for k, v in scalars.items() if not self.TENSORBOARD_ONLY.search(k)}
+        logger.info(json.dumps({"iteration": iteration, **_rounded(console)}))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -98,6 +98,23 @@ def data_metrics(loader: TrainLoader, step_time: float) -> dict[str, float]:
     }
 
 
+def moe_metrics(
+    model: LLaVA, iteration: int, heatmap_interval: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """MoE scalars (aux/z losses, expert load per layer and modality, dropped tokens) over
+    the steps since the last log, and the expert-load heatmap when due. Collective: every
+    rank calls it at every log step."""
+    stats = model.routing_stats
+    scalars = stats.loss_scalars()
+    stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group())
+    scalars.update(stats.scalars())
+    images = {}
+    if heatmap_interval and iteration % heatmap_interval == 0:
+        images["moe/expert_load_heatmap"] = stats.heatmap()
+    stats.reset()
+    return scalars, images
+
+
 def check_batch_split(config: Config) -> None:
     train, dp = config.train, parallel_state.get_data_parallel_world_size()
     if train.global_batch_size % (train.micro_batch_size * dp):
@@ -215,6 +232,7 @@ def train(config: Config) -> list[float]:
     metrics = MetricsLogger(config.logging.tensorboard_dir, config.logging.log_interval)
     logger.info(json.dumps(describe_run(state)))
     tokens_per_step = train_cfg.global_batch_size * config.model.language.seq_length
+    llava = unwrap_model(state.model)
     losses = []
     while state.iteration < train_cfg.train_iters:
         start = time.perf_counter()
@@ -234,11 +252,17 @@ def train(config: Config) -> list[float]:
         if torch.cuda.is_available():
             scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         last = state.iteration == train_cfg.train_iters
-        metrics.log(state.iteration, scalars, force=last)
+        images = {}
+        if llava.routing_stats is not None and metrics.is_log_step(state.iteration, last):
+            moe_scalars, images = moe_metrics(
+                llava, state.iteration, config.logging.moe_heatmap_interval
+            )
+            scalars.update(moe_scalars)
+        metrics.log(state.iteration, scalars, force=last, images=images)
         interval = ckpt.save_interval
         if ckpt.save_dir and (last or (interval and state.iteration % interval == 0)):
             path = checkpoint.save_checkpoint(
-                ckpt.save_dir, state.iteration, unwrap_model(state.model), state.optimizer,
+                ckpt.save_dir, state.iteration, llava, state.optimizer,
                 state.scheduler, state.loader.state_dict(), config,
             )
             logger.info(f"saved checkpoint {path}")

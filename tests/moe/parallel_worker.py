@@ -1,0 +1,96 @@
+"""Runs under torchrun for the MoE parallelism tests; writes tensors for pytest to compare.
+
+  parallel_worker.py init OUT_DIR VARIANT    (1 process) a checkpoint of the initial
+                                             weights, then the reference loss + gradients
+  parallel_worker.py grads OUT_DIR VARIANT   (2 processes) the same step at EP=2 (DP=2),
+                                             EP=2 with TP=2+SP, TP=2+SP with EP=1
+
+Every layout loads the reference's initial weights (expert weights are initialised per
+EP rank, so a fresh EP=2 model differs from EP=1), which also exercises resharding of
+the experts across EP sizes. Gradients are stored under global names: TP shards gathered,
+`local_experts.<i>` renamed to the global expert index.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
+
+from megamod.training import checkpoint
+from megamod.training.loop import forward_backward, setup
+from tests.training.parallel_worker import gather_tp, start
+
+MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2", "moe.aux_loss_coeff=0.1",
+       "moe.z_loss_coeff=0.01"]
+VARIANTS = {"dropless": [], "capacity": ["moe.capacity_factor=1.0"]}
+# (name, overrides); capacity is computed per rank's tokens, so under SP (half the
+# sequence per rank) it drops other tokens than TP=1 does: compared at TP=1 only.
+LAYOUTS = {
+    "ep2": ["parallel.expert_model_parallel_size=2"],
+    "tp2_sp_ep2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                   "parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"],
+    "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+}
+
+
+def global_name(name: str, num_local_experts: int) -> str:
+    """`...experts.local_experts.<i>...` -> the global expert index on this EP rank."""
+    match = re.search(r"local_experts\.(\d+)\.", name)
+    offset = parallel_state.get_expert_model_parallel_rank() * num_local_experts
+    return name.replace(match.group(0), f"local_experts.{offset + int(match.group(1))}.")
+
+
+def step_grads(config, init_dir: Path | None) -> dict:
+    state = setup(config)
+    model = unwrap_model(state.model)
+    if init_dir is not None:
+        checkpoint.load_model_weights(init_dir, model)
+    num_local = config.moe.num_experts // config.parallel.expert_model_parallel_size
+    totals = forward_backward(state, state.loader.next_step())
+    grads = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if getattr(param, "allreduce", True):  # dense: TP-sharded at most
+            grads[name] = gather_tp(param.main_grad, param)
+        else:  # an expert (ETP=1 in every layout here): whole on its EP rank
+            grads[global_name(name, num_local)] = param.main_grad.clone()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, grads)
+    merged = {}
+    for rank_grads in gathered:
+        for name, grad in rank_grads.items():
+            merged.setdefault(name, grad)
+    return {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(), "grads": merged,
+            "model": model, "state": state}
+
+
+def main(mode: str, out: Path, variant: str) -> None:
+    extra = MOE + VARIANTS[variant]
+    if mode == "init":
+        config = start(1, False, extra)
+        result = step_grads(config, None)
+        # The initial weights (the step above changed only grads) for the other layouts.
+        result.pop("state")
+        checkpoint.save_checkpoint(out / f"init_{variant}", 0, result.pop("model"), None, None,
+                                   {}, config)
+        torch.save(result, out / f"grads_{variant}_ref.pt")
+        return
+    for layout, overrides in LAYOUTS.items():
+        if variant == "capacity" and "sequence_parallel=true" in " ".join(overrides):
+            continue
+        config = start(1, False, extra + overrides)  # later overrides win
+        result = step_grads(config, out / f"init_{variant}")
+        result.pop("state"), result.pop("model")
+        if torch.distributed.get_rank() == 0:
+            torch.save(result, out / f"grads_{variant}_{layout}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    torch.distributed.barrier()
