@@ -13,6 +13,7 @@ import datetime
 import os
 import random
 import re
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,13 @@ def dist_env_from(environ: os._Environ | dict) -> DistEnv:
             master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
         )
     return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", 29500)))
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now (for a one-process tool's own rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:

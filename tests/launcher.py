@@ -6,19 +6,14 @@ A launch costs ~10 s of imports on 2 cores, so each launch runs many checks.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from megamod.parallel import free_port  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(extra: dict[str, str] | None) -> dict[str, str]:

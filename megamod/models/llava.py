@@ -90,6 +90,14 @@ class LLaVA(MegatronModule):
             self.routing_stats = RoutingStats(pattern, config.moe.num_experts)
             for router in self.routers():
                 router.micro_batch, router.stats = self.micro_batch, self.routing_stats
+            # megatron-core treats experts as expert-parallel (own grad buffers, reduction
+            # group and optimizer) only when EP > 1. Marking them so at every EP size keeps
+            # the optimizer (a dense + an expert optimizer, chained) and its checkpoint the
+            # same shape, so a run saved at EP=2 resumes at EP=1. At EP=1 the expert
+            # data-parallel group is the data-parallel group: the reduction is unchanged.
+            for moe_layer in self.parts()["moe"]:
+                for param in moe_layer.experts.parameters():
+                    param.allreduce = False
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         # Called by megatron-core's schedules; only meaningful with pipeline parallelism.

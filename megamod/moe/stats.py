@@ -112,16 +112,6 @@ class RoutingStats:
         moe_utils.clear_aux_losses_tracker()
         return out
 
-    def table(self) -> dict:
-        """Everything above as plain lists (for `inspect --routing --json`)."""
-        return {
-            "moe_layers": self.moe_layers,
-            "tokens": {m: self.tokens[self.moe_layers, i].sum().item() for i, m in enumerate(MODALITIES)},
-            "load": self.load().tolist(),
-            **{f"load_{m}": self.load(m).tolist() for m in MODALITIES},
-            "dropped_fraction": self.dropped_fraction().tolist(),
-        }
-
     def heatmap(self, cell: int = 12) -> np.ndarray:
         """An RGB image [3, H, W] for TensorBoard: layers down, experts across; panels
         all | text | image side by side; dark = few tokens, bright = many."""

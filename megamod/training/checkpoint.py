@@ -33,6 +33,11 @@ from megamod.config import Config, build_dataclass
 from megamod.errors import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+# With expert parallelism megatron-core chains two optimizers (dense and expert params)
+# and by default prefixes their state keys `chained_<i>.`, so an EP>1 checkpoint's
+# optimizer state would not load at EP=1 (one optimizer). Keys without the prefix are
+# the same for every layout (Megatron-LM sets this for its own dist checkpoints).
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
 _TMP_PREFIX = ".tmp_iter_"
 
 
@@ -127,7 +132,7 @@ def save_checkpoint(
         "rng_state": _sharded_rng(_rng_state()),
     }
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_METADATA)
         state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, str(tmp_dir))
     torch.distributed.barrier()
@@ -242,7 +247,9 @@ def load_checkpoint(
     model_state = model.sharded_state_dict()
     sharded = {
         "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True),
+        "optimizer": optimizer.sharded_state_dict(
+            model_state, is_loading=True, metadata=_OPTIMIZER_METADATA
+        ),
     }
     if same_layout:
         sharded["rng_state"] = _sharded_rng(None)

@@ -21,6 +21,9 @@ _UPSTREAM_NOISE = (
     "full scope is deprecated",  # raised by TransformerConfig's own default
     "`torch.distributed.all_gather_into_tensor` is deprecated",  # megatron-core's calls
     "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    # torch's, raised inside dist_checkpointing's loading
+    "`load_state_dict` is deprecated",
+    "Please use DTensor instead",
 )
 # ... and those that only say a CPU has no CUDA libraries (on a GPU they are worth reading).
 _CPU_NOISE = (

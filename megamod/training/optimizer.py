@@ -63,7 +63,8 @@ def build_optimizer(config: Config, model: DistributedDataParallel) -> MegatronO
 
 def build_scheduler(config: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
     train = config.train
-    warmup = math.ceil(train.lr_warmup_fraction * train.train_iters)
+    # megatron-core needs at least one step after warm-up (a 1-step run has none).
+    warmup = min(math.ceil(train.lr_warmup_fraction * train.train_iters), train.train_iters - 1)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -58,8 +58,9 @@ def step_grads(config, init_dir: Path | None) -> dict:
             continue
         if getattr(param, "allreduce", True):  # dense: TP-sharded at most
             grads[name] = gather_tp(param.main_grad, param)
-        else:  # an expert (ETP=1 in every layout here): whole on its EP rank
-            grads[global_name(name, num_local)] = param.main_grad.clone()
+        else:  # an expert: on its EP rank, sharded over the expert-TP group
+            expert_tp = parallel_state.get_expert_tensor_parallel_group()
+            grads[global_name(name, num_local)] = gather_tp(param.main_grad, param, expert_tp)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, grads)
     merged = {}

@@ -47,11 +47,12 @@ def start(tp: int, sp: bool, extra: list[str] = ()):
     return config
 
 
-def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (or its grad), strides respected."""
+def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter, group=None) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (or its grad), strides respected; `group`:
+    the group it is sharded over (default the TP group; experts: the expert-TP group)."""
     if not getattr(param, "tensor_model_parallel", False):
         return tensor
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = group or parallel_state.get_tensor_model_parallel_group()
     shards = [torch.empty_like(tensor) for _ in range(group.size())]
     torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)

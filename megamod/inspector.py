@@ -1,0 +1,264 @@
+"""`megamod inspect`: what a checkpoint holds, and where its MoE routers send tokens.
+
+`megamod inspect CKPT_DIR [--json]` reads metadata only: the common state (iteration,
+the parallel layout it was saved with, the run's config) and the global shapes of the
+saved tensors (`dist_checkpointing.load_tensors_metadata`, no tensor data). Parameters
+are counted per part: vision, projector, language (the decoder without its experts,
+routers included) and experts; for MoE, the activated parameters per token as MoE-LLaVA
+(arXiv 2401.15947) reports them: all but the experts, plus top-k / num_experts of them.
+
+`--routing --data SHARDS [--batches N]` adds MoE-LLaVA's routing analysis (see
+`megamod.moe.stats`): N global batches of SHARDS run through the model in eval mode, in
+this process as a world of one, and the routers' statistics are printed per MoE layer
+and per modality (all / text / image tokens): each expert's share of the tokens, and the
+dropped fraction. With `--json` the report is one JSON object on the last line of stdout.
+
+Named `inspector`, not `inspect`, so that running a file of this package as a script
+cannot shadow the standard library's `inspect`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from megamod.config import CheckpointConfig, Config, MoEConfig, ParallelConfig
+from megamod.errors import CheckpointError, ConfigError, MegamodError
+from megamod.training.logging import silence_upstream_warnings
+
+# Model tensors by key prefix (LLaVA's attribute names); other keys are optimizer state.
+PARTS = {"vision_model.": "vision", "vision_projection.": "projector", "language_model.": "language"}
+EXPERT_KEY = ".mlp.experts."  # megatron-core's MoELayer.experts, whatever the expert type
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def saved_config(save_dir: Path) -> Config:
+    """The config the latest checkpoint of `save_dir` was written with."""
+    from megamod.training import checkpoint
+
+    if not (save_dir / checkpoint.TRACKER_FILE).is_file():
+        problem = "does not exist" if not save_dir.exists() else f"has no {checkpoint.TRACKER_FILE}"
+        raise CheckpointError(
+            f"{save_dir} {problem}: give the checkpoint.save_dir of a training run (the "
+            f"folder that holds the iter_* folders)"
+        )
+    try:
+        config = checkpoint.saved_config(save_dir)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{save_dir} was saved with a config this version of megamod cannot read: {e}"
+        ) from None
+    if config is None:
+        raise CheckpointError(
+            f"{save_dir} predates checkpoints that carry their config: it cannot be inspected"
+        )
+    return config
+
+
+def describe(save_dir: Path, config: Config) -> dict[str, Any]:
+    """The checkpoint at a glance, as plain JSON-able values."""
+    from megatron.core import dist_checkpointing
+
+    from megamod.training import checkpoint
+
+    iteration = checkpoint.read_latest_iteration(save_dir)
+    ckpt_dir = str(checkpoint.iteration_dir(save_dir, iteration))
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    shapes = {key: tuple(tensor.global_shape) for key, tensor in metadata.items()}
+    moe = config.moe
+    pattern = moe.layer_pattern(config.model.language.num_layers)
+    return {
+        "checkpoint": str(save_dir),
+        "iteration": iteration,
+        "resumable": "scheduler" in common,  # weights-only checkpoints have none
+        "parallel": common["parallel"],
+        "model": dataclasses.asdict(config.model),
+        "moe": None if moe.num_experts is None else {
+            "num_experts": moe.num_experts,
+            "router_topk": moe.router_topk,
+            "moe_layers": [i for i, is_moe in enumerate(pattern) if is_moe],
+            "capacity_factor": moe.capacity_factor,
+        },
+        "parameters": count_parameters(shapes, moe),
+    }
+
+
+def count_parameters(shapes: dict[str, tuple[int, ...]], moe: MoEConfig) -> dict[str, int]:
+    """Parameters per part from the saved model tensors' global shapes; `activated` is
+    what one token passes through (top-k of the experts of each MoE layer)."""
+    counts = dict.fromkeys(["vision", "projector", "language", "experts"], 0)
+    for key, shape in shapes.items():
+        part = next((part for prefix, part in PARTS.items() if key.startswith(prefix)), None)
+        if part == "language" and EXPERT_KEY in key:
+            part = "experts"
+        if part is not None:
+            counts[part] += math.prod(shape)
+    counts["total"] = sum(counts.values())
+    # Experts are equal in size, so the top-k share of them is a whole number.
+    active_experts = counts["experts"] * moe.router_topk // moe.num_experts if moe.num_experts else 0
+    counts["activated"] = counts["total"] - counts["experts"] + active_experts
+    return counts
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    vision, language = summary["model"]["vision"], summary["model"]["language"]
+    moe, params = summary["moe"], summary["parameters"]
+    weights_only = "" if summary["resumable"] else " (model weights only: checkpoint.finetune=true)"
+    groups = language["num_query_groups"] or language["num_attention_heads"]
+    lines = [
+        f"checkpoint  {summary['checkpoint']}, iteration {summary['iteration']}{weights_only}",
+        "saved with  " + " ".join(f"{k}={v}" for k, v in summary["parallel"].items()),
+        f"vision      {vision['num_layers']} layers (feature layer {vision['feature_layer']}), "
+        f"hidden {vision['hidden_size']}, {vision['image_size']} px in patches of {vision['patch_size']}",
+        f"language    {language['num_layers']} layers, hidden {language['hidden_size']}, ffn "
+        f"{language['ffn_hidden_size']}, {language['num_attention_heads']} heads in {groups} "
+        f"query groups, sequence {language['seq_length']}",
+        "moe         " + ("none (dense)" if moe is None else
+                          f"{moe['num_experts']} experts, top-{moe['router_topk']}, on layers "
+                          f"{moe['moe_layers']}, capacity factor "
+                          f"{moe['capacity_factor'] or 'none (dropless)'}"),
+        "parameters",
+    ]
+    rows = [("vision", ""), ("projector", ""), ("language", "decoder"), ("total", "")]
+    if moe is not None:
+        rows = [("vision", ""), ("projector", ""), ("language", "decoder without experts"),
+                ("experts", ""), ("total", ""), ("activated", "per token")]
+    lines += [f"  {name:<10} {params[name]:>15,}  {note}".rstrip() for name, note in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ routing
+
+
+def routing_config(saved: Config, shards: str) -> Config:
+    """The run's config, reading SHARDS as one process: no parallelism, no outputs."""
+    return dataclasses.replace(
+        saved,
+        parallel=ParallelConfig(),
+        data=dataclasses.replace(saved.data, train_shards=shards, mixture=[]),
+        checkpoint=CheckpointConfig(),
+        logging=dataclasses.replace(saved.logging, tensorboard_dir=None),
+    )
+
+
+def route(save_dir: Path, saved: Config, shards: str, batches: int) -> dict[str, Any]:
+    """Run `batches` global batches of `shards` through the checkpoint's model (eval, no
+    grad) as a world of one; returns the routers' statistics."""
+    from megamod.parallel import destroy_distributed, free_port, init_distributed
+
+    config = routing_config(saved, shards)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    init_distributed(config.parallel, config.train.seed)
+    try:
+        return _route(save_dir, config, batches)
+    finally:
+        destroy_distributed()
+
+
+def _route(save_dir: Path, config: Config, batches: int) -> dict[str, Any]:
+    import torch
+    from megatron.core.utils import unwrap_model
+
+    from megamod.moe.stats import MODALITIES
+    from megamod.training import checkpoint
+    from megamod.training.loop import setup
+
+    state = setup(config)
+    model = unwrap_model(state.model)
+    checkpoint.load_model_weights(save_dir, model)
+    model.eval()
+    stats = model.routing_stats
+    stats.reset()
+    device = next(model.parameters()).device
+    with state.loader, torch.no_grad():
+        for _ in range(batches):
+            for batch in state.loader.next_step():
+                model(batch["tokens"].to(device), batch["images"].to(device))
+    tokens = stats.tokens[stats.moe_layers].cpu()  # [MoE layers, modality]
+    return {
+        "data": config.data.train_shards,
+        "batches": batches,
+        "moe_layers": stats.moe_layers,
+        "tokens": {m: [int(n) for n in tokens[:, i]] for i, m in enumerate(MODALITIES)},
+        "load": {"all": stats.load().tolist(), **{m: stats.load(m).tolist() for m in MODALITIES}},
+        "dropped_fraction": stats.dropped_fraction().tolist(),
+    }
+
+
+def format_routing(report: dict[str, Any]) -> str:
+    """One block per modality: a row per MoE layer, a column per expert."""
+    tokens = report["tokens"]
+    tokens = {"all": [t + i for t, i in zip(tokens["text"], tokens["image"])], **tokens}
+    lines = [f"routing: {report['batches']} batches of {report['data']}, share of the tokens "
+             f"each expert receives"]
+    for modality, load in report["load"].items():
+        experts = "".join(f"{f'e{j}':>7}" for j in range(len(load[0])))
+        dropped = f"{'dropped':>9}" if modality == "all" else ""
+        lines += ["", f"{modality} tokens", f"{'layer':>5}{'tokens':>10}{experts}{dropped}"]
+        for row, (layer, shares) in enumerate(zip(report["moe_layers"], load)):
+            cells = "".join(f"{share:>7.3f}" for share in shares)
+            dropped = f"{report['dropped_fraction'][row]:>9.3f}" if modality == "all" else ""
+            lines.append(f"{layer:>5}{tokens[modality][row]:>10}{cells}{dropped}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megamod inspect",
+        description="Describe a megamod checkpoint; with --routing, where its MoE routers send tokens.",
+    )
+    parser.add_argument("checkpoint", type=Path,
+                        help="a checkpoint.save_dir (holding latest_checkpointed_iteration.txt)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (the last line of stdout)")
+    parser.add_argument("--routing", action="store_true",
+                        help="MoE-LLaVA's routing analysis (needs --data)")
+    parser.add_argument("--data", metavar="SHARDS",
+                        help="shards to route, as data.train_shards takes them ('tiny', a folder, a glob)")
+    parser.add_argument("--batches", type=int, default=8,
+                        help="global batches to route (default 8)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`megamod inspect`: 0 on success, 2 (one-line message on stderr) on bad input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.routing != (args.data is not None):
+        parser.error("--routing and --data SHARDS go together")
+    if args.batches < 1:
+        parser.error("--batches must be >= 1")
+    silence_upstream_warnings()  # before megatron-core is imported
+    try:
+        config = saved_config(args.checkpoint)
+        summary = describe(args.checkpoint, config)
+        if args.routing and summary["moe"] is None:
+            raise CheckpointError(
+                f"{args.checkpoint} has no MoE layers (a dense model: moe.num_experts is "
+                f"null), so --routing has nothing to analyse; `megamod upcycle` turns it into "
+                f"a MoE model"
+            )
+        if args.routing:
+            summary["routing"] = route(args.checkpoint, config, args.data, args.batches)
+    except MegamodError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+        if args.routing:
+            print("\n" + format_routing(summary["routing"]))
+    return 0

@@ -1,0 +1,174 @@
+"""`megamod inspect` through the CLI, on checkpoints of real tiny training runs.
+
+Two runs: a MoE one (4 experts on layers 0 and 2, TP=1) and a dense one at TP=2 + SP.
+What the inspector reports is checked against counts made here, independently: the
+same models built in this process (parameters per part by `numel`) and the same batches
+read by the same loader (image tokens by the `<image>` token id).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launcher import TINY_CONFIG, check, free_port, megamod_train, run
+
+MOE = ["moe.num_experts=4", "moe.layer_freq=2"]
+TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+NO_OUTPUTS = ["checkpoint.save_interval=null", "logging.tensorboard_dir=null"]
+BATCHES = 2
+
+
+def train(root: Path, nproc: int, overrides: list[str]) -> Path:
+    megamod_train(nproc, overrides + NO_OUTPUTS + [f"checkpoint.save_dir={root}/ckpt"], cwd=root)
+    return root / "ckpt"
+
+
+def inspect(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "megamod", "inspect", *map(str, args)], cwd=cwd,
+               extra_env={"MASTER_PORT": str(free_port())})
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("moe"), 1, MOE + ["train.train_iters=2"])
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("dense"), 2, TP2_SP + ["train.train_iters=2"])
+
+
+@pytest.fixture(scope="module")
+def report(moe_ckpt) -> dict:
+    """`inspect --routing --json` of the MoE checkpoint: summary plus routing."""
+    result = check(inspect(moe_ckpt, "--routing", "--data", "tiny", "--batches", BATCHES, "--json",
+                           cwd=moe_ckpt.parent))
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """Counted here as a world of one: parameters per part of both models, and the
+    tokens of the first BATCHES global batches of tiny."""
+    from megamod.config import load_config
+    from megamod.data.loader import build_train_loader
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.parallel import destroy_distributed, init_distributed
+    from megamod.training.loop import build_model
+
+    moe_config = load_config(TINY_CONFIG, MOE)
+    # TP=2 pads the vocabulary to a multiple of 64 x 2; at TP=1 the same model needs 128.
+    dense_config = load_config(TINY_CONFIG, ["model.language.make_vocab_size_divisible_by=128"])
+    tokenizer = load_tokenizer(moe_config.data.tokenizer)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_PORT", str(free_port()))
+        init_distributed(moe_config.parallel, moe_config.train.seed)
+        try:
+            params = {"moe": part_sizes(build_model(moe_config, tokenizer)),
+                      "dense": part_sizes(build_model(dense_config, tokenizer))}
+        finally:
+            destroy_distributed()
+    with build_train_loader(moe_config, tokenizer, dp_rank=0, dp_size=1) as loader:
+        batches = [b for _ in range(BATCHES) for b in loader.next_step()]
+    image = sum(int((b["tokens"] == tokenizer.image_token_id).sum()) for b in batches)
+    return {
+        "params": params,
+        "tokens": sum(b["tokens"].numel() for b in batches),
+        "image_tokens": image,
+        "images": sum(b["images"].shape[0] for b in batches),
+        "patches": moe_config.model.vision.num_patches,
+    }
+
+
+def part_sizes(model) -> dict[str, int]:
+    def numel(modules) -> int:
+        return sum(p.numel() for p in modules.parameters())
+
+    parts = model.parts()
+    experts = sum(numel(layer.experts) for layer in parts["moe"])
+    return {"vision": numel(parts["vision"]), "projector": numel(parts["projector"]),
+            "language": numel(parts["language"]) - experts, "experts": experts,
+            "total": numel(model)}
+
+
+def test_moe_summary(report, reference):
+    assert report["iteration"] == 2 and report["resumable"]
+    assert report["parallel"] == {
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1, "world_size": 1,
+    }
+    assert report["model"]["language"]["num_layers"] == 4
+    assert report["moe"] == {"num_experts": 4, "router_topk": 2, "moe_layers": [0, 2],
+                             "capacity_factor": None}
+    expected = reference["params"]["moe"]
+    params = report["parameters"]
+    assert {k: params[k] for k in expected} == expected
+    assert expected["experts"] > 0 and expected["total"] == sum(
+        expected[k] for k in ("vision", "projector", "language", "experts"))
+    # Each token passes through 2 of the 4 experts of a MoE layer.
+    assert params["activated"] == expected["total"] - expected["experts"] // 2
+
+
+def test_routing(report, reference):
+    routing = report["routing"]
+    assert routing["moe_layers"] == [0, 2] and routing["batches"] == BATCHES
+    image, text = reference["image_tokens"], reference["tokens"] - reference["image_tokens"]
+    assert image == reference["images"] * reference["patches"] > 0
+    # Every MoE layer routes every token of the batches (TP=1, no sequence split).
+    assert routing["tokens"] == {"text": [text, text], "image": [image, image]}
+    assert routing["dropped_fraction"] == pytest.approx([0.0, 0.0], abs=1e-12)  # dropless
+    for modality in ("all", "text", "image"):
+        load = routing["load"][modality]
+        assert len(load) == 2 and all(len(row) == 4 for row in load)
+        assert [sum(row) for row in load] == pytest.approx([1.0, 1.0], abs=1e-6)
+    # Dropless top-2: each modality fills 2 slots per token, so `all` mixes by token count.
+    for layer in range(2):
+        mix = [(text * t + image * i) / (text + image)
+               for t, i in zip(routing["load"]["text"][layer], routing["load"]["image"][layer])]
+        assert routing["load"]["all"][layer] == pytest.approx(mix, abs=1e-9)
+
+
+def test_routing_table_prints_every_share(report):
+    from megamod.inspector import format_routing
+
+    routing = report["routing"]
+    blocks = format_routing(routing).split("\n\n")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["all tokens", "text tokens", "image tokens"]
+    for block, modality in zip(blocks, ("all", "text", "image")):
+        header, *rows = block.splitlines()[1:]
+        assert header.split()[:6] == ["layer", "tokens", "e0", "e1", "e2", "e3"]
+        for row, layer, shares in zip(rows, routing["moe_layers"], routing["load"][modality]):
+            cells = row.split()
+            assert int(cells[0]) == layer
+            assert [float(c) for c in cells[2:6]] == pytest.approx(shares, abs=5e-4)
+
+
+def test_dense_summary_at_tp2(dense_ckpt, reference):
+    result = check(inspect(dense_ckpt, cwd=dense_ckpt.parent))
+    out = result.stdout
+    assert f"{dense_ckpt}, iteration 2" in out
+    assert "tensor_model_parallel_size=2" in out and "world_size=2" in out
+    assert re.search(r"^moe\s+none \(dense\)$", out, re.M)
+    expected = reference["params"]["dense"]
+    assert expected["experts"] == 0
+    for part in ("vision", "projector", "language", "total"):
+        assert re.search(rf"^\s+{part}\s+{expected[part]:,}\b", out, re.M), (part, out)
+    assert "activated" not in out
+
+
+def test_routing_on_a_dense_checkpoint_exits_2(dense_ckpt):
+    result = inspect(dense_ckpt, "--routing", "--data", "tiny", cwd=dense_ckpt.parent)
+    assert result.returncode == 2, result.stderr
+    assert f"{dense_ckpt} has no MoE layers" in result.stderr and "upcycle" in result.stderr
+
+
+def test_missing_checkpoint_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "no_such_run"
+    result = inspect(missing, cwd=tmp_path)
+    assert result.returncode == 2 and f"{missing} does not exist" in result.stderr
