@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per section, loaded from YAML plus overrides.
 
 `load_config("run.yaml", ["train.lr=1e-4", "parallel.sequence_parallel=true"])` reads
-the YAML, applies the dotted overrides (values parsed as YAML scalars/lists), checks
+the YAML (after the file its optional top-level `base:` names, relative to it, whose
+sections it overrides key by key: a stage config states only what differs), applies the dotted overrides (values parsed as YAML scalars/lists), checks
 every key and type against the dataclasses below and validates the combinations that
 can be checked before any process starts. A mistake raises `ConfigError` naming the key
 and the fix (exit code 2 from the CLI). Field names follow Megatron-LM's flags in
@@ -219,10 +220,10 @@ class MixtureSource:
 class DataConfig:
     # Shards made by `megamod build-shards`: a directory holding manifest.json, a glob of
     # .tar files (`dir/*.tar`), or a brace pattern (`dir/name-{000000..000009}.tar`).
-    # "tiny": the bundled data set, built into shards on first use.
-    train_shards: str = "tiny"
+    # "tiny": the bundled data set, built into shards on first use. null with a mixture.
+    train_shards: Optional[str] = "tiny"
     # Several sources drawn in proportion to their weights (e.g. stage 2's MIMIC-IT + LRV
-    # + SViT + LVIS); replaces train_shards, which must then be left at "tiny".
+    # + SViT + LVIS); replaces train_shards, which must then be null (or left at "tiny").
     mixture: list[MixtureSource] = field(default_factory=list)
     # "tiny" or a local Hugging Face tokenizer directory.
     tokenizer: str = "tiny"
@@ -241,11 +242,14 @@ class DataConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.mixture and self.train_shards != "tiny":
+        if self.mixture and self.train_shards not in (None, "tiny"):
             raise ConfigError(
                 f"data.train_shards={self.train_shards!r} and data.mixture are both set: "
-                "put the shards in data.mixture (one source per data set) and drop train_shards"
+                "put the shards in data.mixture (one source per data set) and set "
+                "train_shards to null"
             )
+        if not self.mixture and self.train_shards is None:
+            raise ConfigError("data.train_shards is null and data.mixture is empty: give shards")
         for i, source in enumerate(self.mixture):
             if not source.shards:
                 raise ConfigError(f"data.mixture[{i}].shards is empty: give a shard directory, glob or brace pattern")
@@ -417,20 +421,40 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults) and apply `key.sub=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw = {} if path is None else _read_yaml(Path(path), chain=())
     for override in overrides:
         _apply_override(raw, override)
     return build_dataclass(Config, raw, prefix="")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """One config file as a dict, merged over its `base:` file (recursively)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"config file {path} is its own base (through {[str(p) for p in chain]})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be a path to another config file")
+    return _merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

@@ -46,6 +46,19 @@ def test_defaults_are_llava_shapes():
         (["checkpoint.save_dir=null"], ["checkpoint.save_interval", "checkpoint.save_dir"]),
         (["model=3"], ["model", "mapping"]),
         (["train.lr"], ["train.lr", "key.sub=value"]),
+        (["moe.num_experts=4", "parallel.expert_model_parallel_size=3"],
+         ["moe.num_experts=4", "expert_model_parallel_size=3"]),
+        (["moe.num_experts=4", "parallel.tensor_model_parallel_size=2"],
+         ["sequence_parallel", "tensor_model_parallel_size"]),
+        (["moe.num_experts=4", "moe.router_topk=5"], ["moe.router_topk", "moe.num_experts"]),
+        (["moe.num_experts=4", "moe.layer_freq=[1,0]"], ["moe.layer_freq", "num_layers=4"]),
+        (["moe.num_experts=4", "moe.layer_freq=[1,0,2,0]"], ["moe.layer_freq", "0 or 1"]),
+        (["moe.num_experts=4", "moe.pad_expert_input_to_capacity=true"],
+         ["moe.pad_expert_input_to_capacity", "moe.capacity_factor"]),
+        (["moe.num_experts=4", "moe.capacity_factor=0"], ["moe.capacity_factor"]),
+        (["moe.num_experts=4", "moe.token_dispatcher_type=flex"], ["moe.token_dispatcher_type"]),
+        (["parallel.expert_model_parallel_size=2"], ["expert_model_parallel_size", "moe.num_experts"]),
+        (["train.trainable=[moe]"], ["train.trainable", "moe.num_experts"]),
     ],
 )
 def test_bad_config_names_the_key(overrides, names):
@@ -75,3 +88,32 @@ def test_cli_exits_2_when_processes_do_not_split(tmp_path):
                   "parallel.tensor_model_parallel_size=2"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "tensor_model_parallel_size=2" in result.stderr
+
+
+def test_moe_layer_freq_takes_an_int_or_a_list():
+    every_other = load_config(TINY_CONFIG, ["moe.num_experts=4", "moe.layer_freq=2"])
+    assert every_other.moe.layer_pattern(4) == [1, 0, 1, 0]
+    listed = load_config(TINY_CONFIG, ["moe.num_experts=4", "moe.layer_freq=[0,1,1,0]"])
+    assert listed.moe.layer_pattern(4) == [0, 1, 1, 0]
+    assert load_config(TINY_CONFIG).moe.layer_pattern(4) == [0, 0, 0, 0]  # dense
+
+
+def test_base_file_is_overridden_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text(f"base: {TINY_CONFIG}\ntrain: {{lr: 0.5, train_iters: 7}}\n")
+    (tmp_path / "stage.yaml").write_text("base: base.yaml\ntrain: {lr: 0.25}\nmoe: {num_experts: 4}\n")
+    config = load_config(tmp_path / "stage.yaml", ["train.seed=3"])
+    assert (config.train.lr, config.train.train_iters, config.train.seed) == (0.25, 7, 3)
+    assert config.model.language.num_layers == 4 and config.moe.num_experts == 4  # from tiny
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_moe_llava_recipe_configs_load():
+    stages = [load_config(REPO / "examples/configs/moe_llava" / f"{name}.yaml")
+              for name in ("stage1", "stage2", "stage3")]
+    assert [s.train.trainable for s in stages] == [["projector"], ["projector", "language"], ["moe"]]
+    assert [s.train.lr for s in stages] == [1e-3, 2e-5, 2e-5]
+    moe = stages[2].moe
+    assert (moe.num_experts, moe.router_topk, moe.layer_freq, moe.capacity_factor) == (4, 2, 2, 1.5)
+    assert moe.aux_loss_coeff == 0.01 and stages[0].moe.num_experts is None

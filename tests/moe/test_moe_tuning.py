@@ -1,0 +1,87 @@
+"""MoE-LLaVA's three-stage MoE-Tuning, end to end on the tiny configs, as a user runs it:
+stage 1 -> stage 2 (finetune load) -> `megamod upcycle` -> stage 3.
+
+Each stage saves after every step; comparing a stage's start with its first step's
+checkpoint shows exactly which tensors train: stage 1 the projector, stage 2 all but the
+vision encoder, stage 3 the experts and routers only. Every other tensor must be
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.launcher import REPO, check, free_port, run
+
+CONFIGS = REPO / "examples" / "configs" / "moe_llava"
+MODEL_PREFIXES = ("vision_model.", "vision_projection.", "language_model.")
+
+
+def train(config: str, root: Path, stage: str, *extra: str) -> Path:
+    save_dir = root / stage
+    check(run([sys.executable, "-m", "megamod", "train", str(CONFIGS / config),
+               "train.train_iters=2", "checkpoint.save_interval=1",
+               "train.lr_warmup_fraction=0",  # warm-up would give step 1 a zero LR
+               f"checkpoint.save_dir={save_dir}", "logging.tensorboard_dir=null", *extra],
+              cwd=root, extra_env={"MASTER_PORT": str(free_port())}))
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe_tuning")
+    stage1 = train("tiny_stage1.yaml", root, "stage1")
+    stage2 = train("tiny_stage2.yaml", root, "stage2", f"checkpoint.load={stage1}")
+    upcycled = root / "upcycled"
+    check(run([sys.executable, "-m", "megamod", "upcycle", "--input", str(stage2),
+               "--output", str(upcycled), "--num-experts", "4", "--layer-freq", "2"], cwd=root))
+    stage3 = train("tiny_stage3.yaml", root, "stage3", f"checkpoint.load={upcycled}")
+    return {"stage1": stage1, "stage2": stage2, "upcycled": upcycled, "stage3": stage3}
+
+
+@pytest.fixture(scope="module")
+def weights(chain):
+    """Model tensors of `save_dir/iter_N` (a gloo world of one reads them)."""
+    from megatron.core import dist_checkpointing
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+
+    def read(save_dir: Path, iteration: int) -> dict[str, torch.Tensor]:
+        tensors = dist_checkpointing.load_plain_tensors(str(save_dir / f"iter_{iteration:07d}"))
+        return {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIXES)}
+
+    yield read
+    torch.distributed.destroy_process_group()
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_stage1_trains_only_the_projector(chain, weights):
+    start, step = weights(chain["stage1"], 1), weights(chain["stage1"], 2)
+    assert changed(start, step) == {k for k in start if k.startswith("vision_projection.")}
+
+
+def test_stage2_trains_all_but_the_vision_encoder_from_stage1(chain, weights):
+    stage1_end, step = weights(chain["stage1"], 2), weights(chain["stage2"], 1)
+    assert changed(stage1_end, step) == {k for k in step if not k.startswith("vision_model.")}
+
+
+def test_stage3_trains_only_experts_and_routers_from_the_upcycled_model(chain, weights):
+    start, step = weights(chain["upcycled"], 0), weights(chain["stage3"], 1)
+    moe = {k for k in start if ".mlp.experts." in k or ".mlp.router." in k}
+    assert any(".mlp.router." in k for k in moe) and any(".mlp.experts." in k for k in moe)
+    assert changed(start, step) == moe
+    # The upcycled experts started as copies of stage 2's FFN (a dense decoder's layers are
+    # saved stacked: [layers, ...]).
+    ffn = weights(chain["stage2"], 2)["language_model.decoder.layers.mlp.linear_fc1.weight"][0]
+    experts = start["language_model.decoder.layers.0.mlp.experts.experts.linear_fc1.weight"]
+    assert all(torch.equal(expert, ffn) for expert in experts)
