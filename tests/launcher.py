@@ -5,10 +5,12 @@ A launch costs ~10 s of imports on 2 cores, so each launch runs many checks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from megamod.parallel import free_port  # noqa: F401  (tests import it from here)
 
@@ -58,3 +60,19 @@ def megamod_train(
     """`torchrun -m megamod train tiny.yaml overrides...`, as a user runs it."""
     args = ["-m", "megamod", "train", str(TINY_CONFIG), *overrides]
     return torchrun(nproc, args, cwd, timeout)
+
+
+@contextlib.contextmanager
+def world_of_one(overrides: list[str] = ()) -> Iterator:
+    """This pytest process as a one-rank job (gloo, megatron-core's parallel state built
+    from the tiny config + overrides); yields that config."""
+    from megamod.config import load_config
+    from megamod.parallel import destroy_distributed, init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    config = load_config(TINY_CONFIG, list(overrides))
+    init_distributed(config.parallel, config.train.seed)
+    try:
+        yield config
+    finally:
+        destroy_distributed()

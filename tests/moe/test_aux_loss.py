@@ -13,14 +13,11 @@ top-k choices going to expert i, P_i: mean router probability), i.e. per micro-b
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from megamod.config import load_config
-from megamod.parallel import destroy_distributed, init_distributed
-from tests.launcher import TINY_CONFIG, free_port
+from tests.launcher import TINY_CONFIG, world_of_one
 
 BASE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2", "moe.z_loss_coeff=0",
         "checkpoint.save_dir=null", "checkpoint.save_interval=null",
@@ -28,12 +25,9 @@ BASE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2", "moe.z_los
 
 
 @pytest.fixture(scope="module")
-def world_of_one():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    config = load_config(TINY_CONFIG, BASE)
-    init_distributed(config.parallel, config.train.seed)
-    yield
-    destroy_distributed()
+def world():
+    with world_of_one(BASE):
+        yield
 
 
 def megamod_router_grads(coeff: float):
@@ -81,7 +75,7 @@ def reference_router_grads(model, batches, coeff: float) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("coeff", [0.0, 0.5])
-def test_router_gradient_is_lm_plus_weighted_aux(world_of_one, coeff):
+def test_router_gradient_is_lm_plus_weighted_aux(world, coeff):
     grads, model, batches = megamod_router_grads(coeff)
     assert len(grads) == 2 and all(g.abs().sum() > 0 for g in grads)
     reference = reference_router_grads(model, batches, coeff)
@@ -89,7 +83,7 @@ def test_router_gradient_is_lm_plus_weighted_aux(world_of_one, coeff):
         torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-4)
 
 
-def test_a_large_coefficient_changes_the_router_gradient(world_of_one):
+def test_a_large_coefficient_changes_the_router_gradient(world):
     with_aux, model, batches = megamod_router_grads(1.0)
     lm_only = reference_router_grads(model, batches, 0.0)  # the same weights and batches
     for g1, g0 in zip(with_aux, lm_only):

@@ -52,9 +52,11 @@ def weights(chain):
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
 
-    def read(save_dir: Path, iteration: int) -> dict[str, torch.Tensor]:
+    def read(save_dir: Path, iteration: int, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Tensors whose key starts with `prefix` + a model part, keyed without `prefix`."""
         tensors = dist_checkpointing.load_plain_tensors(str(save_dir / f"iter_{iteration:07d}"))
-        return {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIXES)}
+        return {k[len(prefix):]: v for k, v in tensors.items()
+                if k.startswith(tuple(prefix + p for p in MODEL_PREFIXES))}
 
     yield read
     torch.distributed.destroy_process_group()
@@ -80,6 +82,8 @@ def test_stage3_trains_only_experts_and_routers_from_the_upcycled_model(chain, w
     moe = {k for k in start if ".mlp.experts." in k or ".mlp.router." in k}
     assert any(".mlp.router." in k for k in moe) and any(".mlp.experts." in k for k in moe)
     assert changed(start, step) == moe
+    # Optimizer state (Adam's first moment) exists for exactly the trained tensors.
+    assert set(weights(chain["stage3"], 1, prefix="optimizer.state.exp_avg.")) == moe
     # The upcycled experts started as copies of stage 2's FFN (a dense decoder's layers are
     # saved stacked: [layers, ...]).
     ffn = weights(chain["stage2"], 2)["language_model.decoder.layers.mlp.linear_fc1.weight"][0]

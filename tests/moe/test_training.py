@@ -9,14 +9,13 @@ tests/moe/test_parallel.py).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.launcher import megamod_train
-from tests.training.test_checkpoint import step_losses
+from tests.training.test_checkpoint import step_losses, stopped_at
 
 MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2"]
 
@@ -66,10 +65,7 @@ def test_tensorboard_moe_tags(run_a):
 
 
 def test_ep2_checkpoint_resumes_at_ep1_with_equal_losses(run_a, tmp_path):
-    resume_dir = tmp_path / "ckpt"
-    resume_dir.mkdir()
-    shutil.copytree(run_a / "ckpt" / "iter_0000002", resume_dir / "iter_0000002")
-    (resume_dir / "latest_checkpointed_iteration.txt").write_text("2\n")
+    resume_dir = stopped_at(run_a / "ckpt", 2, tmp_path / "ckpt")
     result = megamod_train(
         2, MOE + ["train.train_iters=4", f"checkpoint.load={resume_dir}",
                   f"checkpoint.save_dir={resume_dir}", "logging.tensorboard_dir=null"],

@@ -18,8 +18,7 @@ import torch
 
 from megamod.config import load_config
 from megamod.data.tokenizer import load_tokenizer
-from megamod.parallel import destroy_distributed, init_distributed
-from tests.launcher import TINY_CONFIG, check, free_port, megamod_train, run
+from tests.launcher import TINY_CONFIG, check, megamod_train, run, world_of_one
 
 QUIET = ["checkpoint.save_dir=null", "checkpoint.save_interval=null",
          "logging.tensorboard_dir=null"]
@@ -54,11 +53,8 @@ def upcycled(dense_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    config = load_config(TINY_CONFIG, QUIET)
-    init_distributed(config.parallel, config.train.seed)
-    yield
-    destroy_distributed()
+    with world_of_one(QUIET):
+        yield
 
 
 def build(overrides: list[str], load: os.PathLike | None = None):

@@ -72,11 +72,16 @@ def test_tensorboard_scalars(run_a):
     assert {e.value for e in events.Scalars("data/skipped_samples")} == {0.0}  # tiny is clean
 
 
+def stopped_at(save_dir: Path, iteration: int, dest: Path) -> Path:
+    """A save_dir holding only `iteration` of `save_dir`: as if that run had stopped there."""
+    dest.mkdir()
+    shutil.copytree(save_dir / f"iter_{iteration:07d}", dest / f"iter_{iteration:07d}")
+    (dest / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+    return dest
+
+
 def test_resume_reproduces_uninterrupted_run(run_a, tmp_path):
-    resume_dir = tmp_path / "ckpt"
-    resume_dir.mkdir()
-    shutil.copytree(run_a / "ckpt" / "iter_0000005", resume_dir / "iter_0000005")
-    (resume_dir / "latest_checkpointed_iteration.txt").write_text("5\n")
+    resume_dir = stopped_at(run_a / "ckpt", 5, tmp_path / "ckpt")
     result = megamod_train(
         2, TP2_SP + ["train.train_iters=10", f"checkpoint.load={resume_dir}",
                      f"checkpoint.save_dir={resume_dir}", "logging.tensorboard_dir=null"],

@@ -5,15 +5,13 @@ Runs in this process as a world of one (gloo), through the real setup() and trai
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from megamod.config import load_config
 from megamod.errors import ConfigError
-from megamod.parallel import init_distributed
-from tests.launcher import TINY_CONFIG, free_port
+from tests.launcher import TINY_CONFIG, world_of_one
 
 STAGE1 = ["train.trainable=[projector]", "checkpoint.save_dir=null",
           "checkpoint.save_interval=null", "logging.tensorboard_dir=null",
@@ -22,22 +20,17 @@ STAGE1 = ["train.trainable=[projector]", "checkpoint.save_dir=null",
 
 
 @pytest.fixture(scope="module")
-def world_of_one():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    config = load_config(TINY_CONFIG, STAGE1)
-    init_distributed(config.parallel, config.train.seed)
-    yield config
-    from megamod.parallel import destroy_distributed
-
-    destroy_distributed()
+def stage1_world():
+    with world_of_one(STAGE1) as config:
+        yield config
 
 
-def test_stage1_trains_only_the_projector(world_of_one):
+def test_stage1_trains_only_the_projector(stage1_world):
     from megatron.core.utils import unwrap_model
 
     from megamod.training.loop import setup, train_step
 
-    state = setup(world_of_one)
+    state = setup(stage1_world)
     llava = unwrap_model(state.model)
     trainable = {id(p) for p in llava.vision_projection.parameters()}
     optimized = [p for group in state.optimizer.param_groups for p in group["params"]]
@@ -53,7 +46,7 @@ def test_stage1_trains_only_the_projector(world_of_one):
 
 @pytest.mark.parametrize("override", ["precision.params_dtype=bf16",
                                       "parallel.use_distributed_optimizer=true"])
-def test_gpu_only_features_are_refused_on_cpu_with_the_key(world_of_one, override):
+def test_gpu_only_features_are_refused_on_cpu_with_the_key(stage1_world, override):
     from megamod.training.loop import setup
 
     config = load_config(TINY_CONFIG, STAGE1 + [override])
