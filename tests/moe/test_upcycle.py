@@ -1,9 +1,9 @@
 """`megamod upcycle` (MoE-LLaVA stage 2 -> 3) against the dense model it starts from.
 
-One tiny dense checkpoint is trained once (1 process) and upcycled once through the CLI
-(`--layer-freq 2`, replacing a non-empty output with `--force`). The checks run in this
-process as a world of one, with models built and loaded as `megamod train` builds and
-loads them, plus one 2-process stage-3 start at EP=2. Expected key names are written out
+One tiny dense checkpoint is trained once (2 processes, TP=2 + SP) and upcycled once
+through the CLI (`--layer-freq 2`, replacing a non-empty output with `--force`). The
+checks run in this process as a world of one (TP=1), with models built and loaded as
+`megamod train` builds and loads them, plus one 2-process stage-3 start at EP=2. Expected key names are written out
 here, not taken from the code under test.
 """
 
@@ -33,8 +33,11 @@ def upcycle_command(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dense_ckpt(tmp_path_factory):
+    """Trained at TP=2 + SP: upcycling takes a checkpoint of any TP (the checks build the
+    dense reference at TP=1 from it)."""
     root = tmp_path_factory.mktemp("dense")
-    megamod_train(1, ["train.train_iters=2", f"checkpoint.save_dir={root}/ckpt",
+    megamod_train(2, ["train.train_iters=2", f"checkpoint.save_dir={root}/ckpt",
+                      "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
                       "checkpoint.save_interval=null", "logging.tensorboard_dir=null"], cwd=root)
     return root / "ckpt"
 
