@@ -20,6 +20,7 @@ setup(
         "braceexpand",  # data.train_shards brace patterns
         "tokenizers",
         "transformers",
+        "safetensors",  # megamod convert reads and writes Hugging Face checkpoints
         "scikit-image",  # the bundled tiny data set's real images
         "tqdm",
         "einops",

@@ -1,8 +1,9 @@
 """`python -m megamod <command>` and the `megamod` console script.
 
 Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`, `upcycle ...`,
-`inspect ...`.
+`inspect ...`, `convert ...`.
 Exit codes: 0 success, 2 bad config or input (the message names the key or file),
+75 (train) stopped early by a signal with a checkpoint saved: run it again to continue,
 1 anything else (a bug: the traceback is printed).
 """
 
@@ -20,10 +21,17 @@ commands:
   upcycle --input CKPT --output CKPT --num-experts N --layer-freq K
                                           turn a dense checkpoint into a MoE one (see --help)
   inspect CKPT_DIR [--routing --data SHARDS]  describe a checkpoint (see --help)
+  convert --from {hf,hf-parts,megamod} --to {megamod,hf} ...
+                                          convert checkpoints (see --help)
 """
 
 
 def train_command(argv: list[str]) -> int:
+    """0 when train.train_iters is reached; EXIT_RESUMABLE (75) when a stop signal (Slurm's
+    SIGUSR1, SIGTERM) ended it early with a checkpoint saved: run it again to continue."""
+    import os
+
+    launcher_pid = os.getppid()  # first thing: see die_with_launcher
     from megamod.config import load_config
 
     if not argv or argv[0].startswith("-"):
@@ -31,19 +39,31 @@ def train_command(argv: list[str]) -> int:
         return 2
     config = load_config(argv[0], argv[1:])  # fails before any process group exists
 
+    from megamod.training.preemption import EXIT_RESUMABLE, PreemptionWatcher
+
+    # Before the slow imports and set-up, so a signal then still ends in a checkpoint.
+    # Without a save_dir there is nothing to resume: signals keep their default action.
+    preemption = PreemptionWatcher() if config.checkpoint.save_dir else None
     from megamod.training.logging import setup_console_logging, silence_upstream_warnings
 
     silence_upstream_warnings()
-    from megamod.parallel import destroy_distributed, init_distributed
+    from megamod.parallel import destroy_distributed, die_with_launcher, init_distributed
     from megamod.training.loop import train
 
+    die_with_launcher(launcher_pid)
     init_distributed(config.parallel, config.train.seed)
     setup_console_logging()
     try:
-        train(config)
+        result = train(config, preemption)
+    except MegamodError:
+        raise  # main() prints it with the rank
+    except Exception:
+        # Every rank's traceback lands in one job log: say whose this one is.
+        print(f"{_rank_prefix()}training failed:", file=sys.stderr, flush=True)
+        raise
     finally:
         destroy_distributed()
-    return 0
+    return EXIT_RESUMABLE if result.stopped_early else 0
 
 
 def build_shards_command(argv: list[str]) -> int:
@@ -64,11 +84,18 @@ def inspect_command(argv: list[str]) -> int:
     return main(argv)
 
 
+def convert_command(argv: list[str]) -> int:
+    from megamod.convert import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "train": train_command,
     "build-shards": build_shards_command,
     "upcycle": upcycle_command,
     "inspect": inspect_command,
+    "convert": convert_command,
 }
 
 

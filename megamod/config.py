@@ -178,6 +178,54 @@ class MoEConfig:
 
 
 @dataclass
+class MoDConfig:
+    """p-MoD's Mixture-of-Depths vision-token dropping (arXiv 2412.04449). Defaults are the
+    official code's (MCG-NJU/p-MoD: PRD `shiftedcos_decay_0.85_0.15`, TanhNorm `tanh_0.2_1`)."""
+
+    enabled: bool = False
+    # "prd": progressive ratio decay, r(l) = cos(l * pi / (L - 1)) / 2 + 0.5; layer l drops
+    # tokens where r(l) <= prd_threshold, keeping max(r(l), prd_min_ratio) of them.
+    # "fixed": `ratio` on the layers named by `layers`.
+    schedule: Literal["prd", "fixed"] = "prd"
+    prd_threshold: float = 0.85
+    prd_min_ratio: float = 0.15
+    ratio: float = 0.5
+    # "interleave" (1, 3, 5, ...), "deep_all" (2 .. L-2), or a list of layer indices.
+    layers: str | list[int] = "interleave"
+    # The router weight w = scale * f(logit) + bias, as "<f>_<scale>_<bias>" with f one of
+    # tanh (TanhNorm), sigmoid, none.
+    weight_norm: str = "tanh_0.2_1"
+    # Which tokens a layer may skip: vision tokens (`<image>` positions) only.
+    candidates: Literal["vision"] = "vision"
+    # The kept tokens of a micro-batch are padded to a multiple of this (a multiple of every
+    # TP size in use, so shapes, and results, are the same at every TP size).
+    kept_length_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.prd_min_ratio <= 1 or not 0 < self.prd_threshold <= 1:
+            raise ConfigError("mod.prd_min_ratio and mod.prd_threshold must be in (0, 1]")
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"mod.ratio={self.ratio} must be in (0, 1]")
+        if isinstance(self.layers, str) and self.layers not in ("interleave", "deep_all"):
+            raise ConfigError(
+                f"mod.layers={self.layers!r}: use interleave, deep_all or a list of layer indices"
+            )
+        parts = self.weight_norm.split("_")
+        try:
+            ok = len(parts) == 3 and parts[0] in ("tanh", "sigmoid", "none")
+            float(parts[1]), float(parts[2])
+        except (ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"mod.weight_norm={self.weight_norm!r} is not <tanh|sigmoid|none>_<scale>_<bias>"
+                " (p-MoD's TanhNorm: tanh_0.2_1)"
+            )
+        if self.kept_length_multiple < 1:
+            raise ConfigError("mod.kept_length_multiple must be >= 1")
+
+
+@dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -187,10 +235,12 @@ class ParallelConfig:
     expert_tensor_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # A collective that waits longer than this fails (naming its rank) instead of hanging.
+    distributed_timeout_minutes: int = 10
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "expert_model_parallel_size"):
+                     "expert_model_parallel_size", "distributed_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
@@ -329,12 +379,16 @@ class CheckpointConfig:
     load: Optional[str] = None
     # Load model weights only (stage transitions): no optimizer, scheduler, RNG, data.
     finetune: bool = False
+    # Once save_dir holds a checkpoint, resume from it (everything, not finetune), whatever
+    # `load` says: a requeued or resubmitted job continues where it stopped.
+    auto_resume: bool = True
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -372,6 +426,23 @@ class Config:
         if self.checkpoint.save_interval is not None and self.checkpoint.save_dir is None:
             raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
         self._check_moe()
+        self._check_mod()
+
+    def _check_mod(self) -> None:
+        mod, tp = self.mod, self.parallel.tensor_model_parallel_size
+        if not mod.enabled:
+            return
+        num_layers = self.model.language.num_layers
+        if isinstance(mod.layers, list) and not all(0 <= i < num_layers for i in mod.layers):
+            raise ConfigError(
+                f"mod.layers={mod.layers} names layers outside 0..{num_layers - 1} "
+                f"(model.language.num_layers={num_layers})"
+            )
+        if self.parallel.sequence_parallel and mod.kept_length_multiple % tp:
+            raise ConfigError(
+                f"mod.kept_length_multiple={mod.kept_length_multiple} is not a multiple of "
+                f"parallel.tensor_model_parallel_size={tp}, which sequence parallelism needs"
+            )
 
     def _check_moe(self) -> None:
         moe, parallel = self.moe, self.parallel

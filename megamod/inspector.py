@@ -13,6 +13,11 @@ this process as a world of one, and the routers' statistics are printed per MoE 
 and per modality (all / text / image tokens): each expert's share of the tokens, and the
 dropped fraction. With `--json` the report is one JSON object on the last line of stdout.
 
+`megamod inspect CONFIG.yaml --flops [--images N] [--text-tokens T] [--json]` prints a
+config's model FLOPs per sample (inference prefill and training) and its KV cache against
+the same config with MoD off (`megamod.training.flops`): p-MoD's efficiency, before
+training anything.
+
 Named `inspector`, not `inspect`, so that running a file of this package as a script
 cannot shadow the standard library's `inspect`.
 """
@@ -89,6 +94,11 @@ def describe(save_dir: Path, config: Config) -> dict[str, Any]:
             "capacity_factor": moe.capacity_factor,
         },
         "parameters": count_parameters(shapes, moe),
+        # The model's tensors (optimizer state and RNG left out) as saved: global shapes.
+        "tensors": {
+            key: {"shape": list(shapes[key]), "dtype": str(tensor.dtype).removeprefix("torch.")}
+            for key, tensor in sorted(metadata.items()) if key.startswith(tuple(PARTS))
+        },
     }
 
 
@@ -109,7 +119,7 @@ def count_parameters(shapes: dict[str, tuple[int, ...]], moe: MoEConfig) -> dict
     return counts
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_summary(summary: dict[str, Any], with_tensors: bool = False) -> str:
     vision, language = summary["model"]["vision"], summary["model"]["language"]
     moe, params = summary["moe"], summary["parameters"]
     weights_only = "" if summary["resumable"] else " (model weights only: checkpoint.finetune=true)"
@@ -133,6 +143,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows = [("vision", ""), ("projector", ""), ("language", "decoder without experts"),
                 ("experts", ""), ("total", ""), ("activated", "per token")]
     lines += [f"  {name:<10} {params[name]:>15,}  {note}".rstrip() for name, note in rows]
+    if with_tensors:
+        lines.append(f"tensors ({len(summary['tensors'])})")
+        lines += [f"  {key}  {tuple(t['shape'])}  {t['dtype']}" for key, t in summary["tensors"].items()]
     return "\n".join(lines)
 
 
@@ -211,6 +224,57 @@ def format_routing(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -------------------------------------------------------------------------------- flops
+
+
+def flops_report(config: Config, images: int, text_tokens: int) -> dict[str, Any]:
+    """FLOPs and KV cache of one sample with `images` images and `text_tokens` other
+    tokens, with the config's MoD and with MoD off."""
+    from megamod.training.flops import Sample, kv_cache_bytes, sample_flops
+
+    vocab = config.model.language.vocab_size or _padded_vocab(config)
+    sample = Sample(images, images * config.model.vision.num_patches + text_tokens)
+    dense = dataclasses.replace(config, mod=dataclasses.replace(config.mod, enabled=False))
+    prefill = sample_flops(config, sample, vocab, training=False)
+    prefill_dense = sample_flops(dense, sample, vocab, training=False)
+    kv, kv_dense = kv_cache_bytes(config, sample), kv_cache_bytes(dense, sample)
+    return {
+        "images": images,
+        "text_tokens": text_tokens,
+        "tflops_per_sample": prefill / 1e12,
+        "tflops_per_sample_dense": prefill_dense / 1e12,
+        "flops_ratio": prefill / prefill_dense,
+        "training_tflops_per_sample": sample_flops(config, sample, vocab) / 1e12,
+        "training_tflops_per_sample_dense": sample_flops(dense, sample, vocab) / 1e12,
+        "kv_cache_bytes": kv,
+        "kv_cache_bytes_dense": kv_dense,
+        "kv_cache_ratio": kv / kv_dense,
+    }
+
+
+def _padded_vocab(config: Config) -> int:
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.llava import padded_vocab_size
+
+    language = config.model.language
+    return padded_vocab_size(load_tokenizer(config.data.tokenizer).vocab_size,
+                             language.make_vocab_size_divisible_by,
+                             config.parallel.tensor_model_parallel_size)
+
+
+def format_flops(report: dict[str, Any]) -> str:
+    return "\n".join([
+        f"one sample: {report['images']} image(s) + {report['text_tokens']} other tokens",
+        f"{'':24}{'this config':>14}{'MoD off':>14}{'ratio':>8}",
+        f"{'prefill TFLOPs':<24}{report['tflops_per_sample']:>14.4f}"
+        f"{report['tflops_per_sample_dense']:>14.4f}{report['flops_ratio']:>8.3f}",
+        f"{'training TFLOPs':<24}{report['training_tflops_per_sample']:>14.4f}"
+        f"{report['training_tflops_per_sample_dense']:>14.4f}",
+        f"{'KV cache (bf16) MiB':<24}{report['kv_cache_bytes'] / 2**20:>14.2f}"
+        f"{report['kv_cache_bytes_dense'] / 2**20:>14.2f}{report['kv_cache_ratio']:>8.3f}",
+    ])
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -220,7 +284,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Describe a megamod checkpoint; with --routing, where its MoE routers send tokens.",
     )
     parser.add_argument("checkpoint", type=Path,
-                        help="a checkpoint.save_dir (holding latest_checkpointed_iteration.txt)")
+                        help="a checkpoint.save_dir (holding latest_checkpointed_iteration.txt);"
+                        " with --flops, a config file")
+    parser.add_argument("--tensors", action="store_true",
+                        help="list the model's tensors with their shapes and dtypes")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (the last line of stdout)")
     parser.add_argument("--routing", action="store_true",
@@ -229,7 +296,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="shards to route, as data.train_shards takes them ('tiny', a folder, a glob)")
     parser.add_argument("--batches", type=int, default=8,
                         help="global batches to route (default 8)")
+    parser.add_argument("--flops", action="store_true",
+                        help="FLOPs and KV cache of a config's sample, against MoD off")
+    parser.add_argument("--images", type=int, default=1, help="with --flops (default 1)")
+    parser.add_argument("--text-tokens", type=int, default=64,
+                        help="with --flops: the prompt's other tokens (default 64)")
     return parser
+
+
+def _flops_main(args: argparse.Namespace) -> int:
+    from megamod.config import load_config
+
+    try:
+        report = flops_report(load_config(args.checkpoint), args.images, args.text_tokens)
+    except MegamodError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_flops(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 1:
         parser.error("--batches must be >= 1")
     silence_upstream_warnings()  # before megatron-core is imported
+    if args.flops:
+        return _flops_main(args)
     try:
         config = saved_config(args.checkpoint)
         summary = describe(args.checkpoint, config)
@@ -258,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(format_summary(summary))
+        print(format_summary(summary, args.tensors))
         if args.routing:
             print("\n" + format_routing(summary["routing"]))
     return 0

@@ -9,11 +9,14 @@ assumptions.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import random
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +72,24 @@ def dist_env_from(environ: os._Environ | dict) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", 29500)))
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher(launcher_pid: int) -> None:
+    """Under torchrun, have the kernel kill this worker when torchrun dies: after a
+    `kill -9` of torchrun its workers would otherwise train on and keep saving into the
+    save_dir. `launcher_pid`: this process's parent as read at start-up (`os.getppid()`).
+    Under srun, slurmstepd already kills the tasks of a killed step."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # The launcher may have died before the prctl: then nothing would ever signal us.
+    if os.getppid() != launcher_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def free_port() -> int:
     """A TCP port no one listens on now (for a one-process tool's own rendezvous)."""
     with socket.socket() as s:
@@ -109,13 +130,14 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     # As Megatron-LM's initialize does; megatron-core would otherwise create it implicitly
     # (with a warning) on first use. Disabled: no re-running of suspicious steps.

@@ -59,6 +59,14 @@ def test_defaults_are_llava_shapes():
         (["moe.num_experts=4", "moe.token_dispatcher_type=flex"], ["moe.token_dispatcher_type"]),
         (["parallel.expert_model_parallel_size=2"], ["expert_model_parallel_size", "moe.num_experts"]),
         (["train.trainable=[moe]"], ["train.trainable", "moe.num_experts"]),
+        (["mod.enabled=true", "mod.weight_norm=tanh_x_1"], ["mod.weight_norm", "tanh_0.2_1"]),
+        (["mod.enabled=true", "mod.layers=sometimes"], ["mod.layers", "interleave"]),
+        (["mod.enabled=true", "mod.schedule=fixed", "mod.layers=[1,7]"], ["mod.layers", "0..3"]),
+        (["mod.ratio=0"], ["mod.ratio"]),
+        (["mod.candidates=text"], ["mod.candidates", "vision"]),
+        (["mod.enabled=true", "parallel.tensor_model_parallel_size=2",
+          "parallel.sequence_parallel=true", "mod.kept_length_multiple=3"],
+         ["mod.kept_length_multiple", "tensor_model_parallel_size=2"]),
     ],
 )
 def test_bad_config_names_the_key(overrides, names):
@@ -117,3 +125,17 @@ def test_moe_llava_recipe_configs_load():
     moe = stages[2].moe
     assert (moe.num_experts, moe.router_topk, moe.layer_freq, moe.capacity_factor) == (4, 2, 2, 1.5)
     assert moe.aux_loss_coeff == 0.01 and stages[0].moe.num_experts is None
+
+
+def test_pmod_configs_load_with_the_papers_schedule():
+    from megamod.mod.schedule import layer_ratios
+
+    real = load_config(REPO / "examples/configs/pmod/llava15_7b.yaml")
+    ratios = layer_ratios(real.mod, real.model.language.num_layers)
+    assert ratios[:8] == [None] * 8 and ratios[8] == pytest.approx(0.8444, abs=1e-4)
+    assert ratios[-8:] == [0.15] * 8  # p-MoD: MoD on layers 8..31, 0.844 ... 0.15
+    with_moe = load_config(REPO / "examples/configs/pmod/llava15_7b_moe.yaml")
+    assert with_moe.mod.enabled and with_moe.moe.num_experts == 4
+    for tiny in ("tiny", "tiny_moe"):
+        config = load_config(REPO / f"examples/configs/pmod/{tiny}.yaml")
+        assert layer_ratios(config.mod, 4) == [None, 0.75, pytest.approx(0.25), 0.15]

@@ -9,6 +9,7 @@ read by the same loader (image tokens by the `<image>` token id).
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import TINY_CONFIG, check, free_port, megamod_train, run
+from tests.launcher import REPO, TINY_CONFIG, check, free_port, megamod_train, run
 
 MOE = ["moe.num_experts=4", "moe.layer_freq=2"]
 TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
@@ -113,6 +114,11 @@ def test_moe_summary(report, reference):
         expected[k] for k in ("vision", "projector", "language", "experts"))
     # Each token passes through 2 of the 4 experts of a MoE layer.
     assert params["activated"] == expected["total"] - expected["experts"] // 2
+    tensors = report["tensors"]
+    assert sum(math.prod(t["shape"]) for t in tensors.values()) == expected["total"]
+    assert {t["dtype"] for t in tensors.values()} == {"float32"}
+    experts = tensors["language_model.decoder.layers.0.mlp.experts.experts.linear_fc1.weight"]
+    assert experts["shape"] == [4, 2 * 352, 128]  # 4 experts x SwiGLU's gate + up rows
 
 
 def test_routing(report, reference):
@@ -172,3 +178,22 @@ def test_missing_checkpoint_exits_2_naming_it(tmp_path):
     missing = tmp_path / "no_such_run"
     result = inspect(missing, cwd=tmp_path)
     assert result.returncode == 2 and f"{missing} does not exist" in result.stderr
+
+
+def test_flops_of_the_pmod_config_against_the_schedule_by_hand(tmp_path):
+    """LLaVA-1.5-7B with p-MoD's PRD: with no text tokens the KV cache holds, per layer,
+    the vision tokens it keeps: 576 in layers 0-7, trunc(576 x max(r, 0.15)) after."""
+    import math
+
+    config = REPO / "examples" / "configs" / "pmod" / "llava15_7b.yaml"
+    result = check(run([sys.executable, "-m", "megamod", "inspect", str(config), "--flops",
+                        "--text-tokens", "0", "--json"], cwd=tmp_path))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    kept = []
+    for layer in range(32):
+        r = math.cos(layer * math.pi / 31) / 2 + 0.5
+        kept.append(576 if r > 0.85 else int(576 * max(r, 0.15)))
+    assert kept[7] == 576 and kept[8] < 576 and kept[-1] == 86  # 576 x 0.15 -> 86
+    assert report["kv_cache_ratio"] == pytest.approx(sum(kept) / (32 * 576), abs=1e-3)
+    assert report["kv_cache_bytes_dense"] == 32 * 576 * 2 * 4096 * 2  # K and V, bf16
+    assert 0.4 < report["flops_ratio"] < report["kv_cache_ratio"] + 0.1

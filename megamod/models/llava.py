@@ -26,7 +26,10 @@ from megatron.core.transformer.module import MegatronModule
 from megamod.config import Config
 from megamod.models import specs
 from megamod.models.transformer_configs import transformer_configs
-from megamod.moe.router import MicroBatchInfo, TopKRouterWithStats
+from megamod.models.micro_batch import MicroBatchInfo
+from megamod.mod.layer import MoDTransformerLayer
+from megamod.mod.stats import MoDStats
+from megamod.moe.router import TopKRouterWithStats
 from megamod.moe.stats import RoutingStats
 
 # Megatron-LM's GPT datasets mark positions without loss with a loss mask; labels there
@@ -73,7 +76,7 @@ class LLaVA(MegatronModule):
         )
         self.language_model = GPTModel(
             configs.language,
-            specs.decoder_block_spec(configs.language, use_te),
+            specs.decoder_block_spec(configs.language, use_te, config.mod),
             vocab_size=vocab_size,
             max_sequence_length=language.seq_length,
             share_embeddings_and_output_weights=not language.untie_embeddings_and_output_weights,
@@ -82,9 +85,16 @@ class LLaVA(MegatronModule):
             # Image features are merged into the full sequence first, then scattered.
             scatter_embedding_sequence_parallel=False,
         )
-        # What the MoE routers learn about each micro-batch, and what they report back.
+        # What the MoE routers and MoD layers learn about each micro-batch, and what they
+        # report back.
         self.micro_batch = MicroBatchInfo()
         self.routing_stats = None
+        self.mod_stats = None
+        mod_layers = self.mod_layers()
+        if mod_layers:
+            self.mod_stats = MoDStats([layer.layer_number - 1 for layer in mod_layers])
+            for layer in mod_layers:
+                layer.micro_batch, layer.stats = self.micro_batch, self.mod_stats
         if config.moe.num_experts is not None:
             pattern = config.moe.layer_pattern(language.num_layers)
             self.routing_stats = RoutingStats(pattern, config.moe.num_experts)
@@ -131,7 +141,7 @@ class LLaVA(MegatronModule):
     ) -> torch.Tensor:
         """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP]."""
         decoder_input = self.embed(tokens, images)
-        if self.routing_stats is not None:
+        if self.routing_stats is not None or self.mod_stats is not None:
             self._describe_micro_batch(tokens, loss_mask)
         if self.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
@@ -147,17 +157,22 @@ class LLaVA(MegatronModule):
         )
 
     def _describe_micro_batch(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
-        """Tell the routers which of their tokens are image tokens, and the share of the
-        micro-batch's tokens that carry loss (for the aux-loss weight)."""
+        """Tell the routers which of their tokens are image tokens and how many tokens of
+        the micro-batch carry loss (for the aux-loss weight)."""
         is_image = (tokens == self.image_token_id).transpose(0, 1)  # router order: [s, b]
+        self.micro_batch.token_is_image = is_image
+        if self.mod_stats is not None:  # the one host sync: MoD layers size buffers from it
+            self.micro_batch.vision_per_sample = is_image.sum(0).cpu()
+        local = is_image
         if self.sequence_parallel:
             tp = parallel_state.get_tensor_model_parallel_world_size()
             rank = parallel_state.get_tensor_model_parallel_rank()
-            is_image = is_image.chunk(tp, dim=0)[rank]
-        self.micro_batch.token_is_image = is_image.reshape(-1)
-        self.micro_batch.loss_token_fraction = (
-            loss_mask.float().mean() if loss_mask is not None else None
-        )
+            local = is_image.chunk(tp, dim=0)[rank]
+        self.micro_batch.routed_modality = local.reshape(-1).long()
+        self.micro_batch.loss_tokens = loss_mask.sum() if loss_mask is not None else None
+
+    def mod_layers(self) -> list[MoDTransformerLayer]:
+        return [m for m in self.language_model.decoder.layers if isinstance(m, MoDTransformerLayer)]
 
     def routers(self) -> list[TopKRouterWithStats]:
         return [m for m in self.language_model.modules() if isinstance(m, TopKRouterWithStats)]

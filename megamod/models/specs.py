@@ -3,13 +3,15 @@
 The model builds what it is given; the choices live here. Transformer-engine modules
 when TE and a GPU are present, megatron-core's local (pure torch) modules otherwise.
 The decoder is a list of layer specs: dense layers, and MoE layers where
-`moe.layer_freq` puts them (megatron-core's MoELayer with our recording router). MoD
-layers will enter the same way, wrapping these.
+`moe.layer_freq` puts them (megatron-core's MoELayer with our recording router), and
+p-MoD's MoD layers (`megamod.mod.layer.MoDTransformerLayer`) where `mod` puts them,
+around either kind.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -25,7 +27,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megamod.config import MoDConfig
+from megamod.mod.layer import MoDTransformerLayer
+from megamod.mod.schedule import layer_ratios
 from megamod.moe.router import TopKRouterWithStats
 
 
@@ -40,12 +46,15 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def decoder_block_spec(config: TransformerConfig, use_te: bool) -> TransformerBlockSubmodules:
+def decoder_block_spec(
+    config: TransformerConfig, use_te: bool, mod: Optional[MoDConfig] = None
+) -> TransformerBlockSubmodules:
     """Llama-style decoder layers (causal self-attention + MLP or MoE), one spec per layer.
 
     megatron-core's own block spec reads `config.moe_layer_freq` to place MoE layers;
     their router becomes `TopKRouterWithStats` (upstream's TopKRouter that also reports
-    where it sent each token, for per-modality expert load)."""
+    where it sent each token, for per-modality expert load). Layers that p-MoD's schedule
+    names become MoD layers with their keep ratio."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization
     )
@@ -53,7 +62,20 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool) -> TransformerBl
         mlp = spec.submodules.mlp
         if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
             mlp.submodules.router = TopKRouterWithStats
+    if mod is not None and mod.enabled:
+        ratios = layer_ratios(mod, config.num_layers)
+        block.layer_specs = [
+            spec if ratio is None else _mod_layer(spec, ratio, mod)
+            for spec, ratio in zip(block.layer_specs, ratios)
+        ]
     return block
+
+
+def _mod_layer(spec: ModuleSpec, ratio: float, mod: MoDConfig) -> ModuleSpec:
+    assert spec.module is TransformerLayer, f"MoD wraps TransformerLayer, not {spec.module}"
+    params = dict(spec.params, ratio=ratio, weight_norm=mod.weight_norm,
+                  kept_length_multiple=mod.kept_length_multiple)
+    return ModuleSpec(module=MoDTransformerLayer, params=params, submodules=spec.submodules)
 
 
 def vision_layer_spec(use_te: bool) -> ModuleSpec:
@@ -64,6 +86,13 @@ def vision_layer_spec(use_te: bool) -> ModuleSpec:
     # Upstream's local ViT spec asks for a causal mask (its TE spec does not): a CLIP
     # encoder attends in both directions.
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    # Checkpoint names as the TE spec's fused norm+linear modules have them (upstream's
+    # local GPT spec does this for the decoder, its ViT spec does not): a checkpoint
+    # written on CPU loads on GPU with transformer-engine, and the other way round.
+    spec.submodules.sharded_state_dict_keys_map = {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
     return spec
 
 

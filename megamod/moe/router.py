@@ -16,7 +16,6 @@ Added, fed by `MicroBatchInfo` that the LLaVA model fills before each forward:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -27,15 +26,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-
-@dataclass
-class MicroBatchInfo:
-    """Per micro-batch facts the routers cannot see in their hidden states."""
-
-    # [tokens] in the router's order (sequence-major, this rank's SP slice): 1 = image.
-    token_is_image: Optional[torch.Tensor] = None
-    # Loss tokens / all tokens of the micro-batch (a 0-d tensor: no host sync).
-    loss_token_fraction: Optional[torch.Tensor] = None
+from megamod.models.micro_batch import MicroBatchInfo
 
 
 class TopKRouterWithStats(TopKRouter):
@@ -51,17 +42,19 @@ class TopKRouterWithStats(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.stats is not None:
-            image = self.micro_batch.token_is_image if self.micro_batch is not None else None
-            self.stats.record(self.layer_number - 1, routing_map, image, self.topk)
+            modality = self.micro_batch.routed_modality if self.micro_batch is not None else None
+            self.stats.record(self.layer_number - 1, routing_map, modality, self.topk)
         return probs, routing_map
 
     def _loss_token_weight(self, routed_tokens: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
-        """What an aux loss is multiplied by before megatron-core divides every gradient by
-        the global number of loss tokens: this rank's routed tokens x the TP x CP size
-        (upstream's later fix), x the micro-batch's loss-token share (MoE-LLaVA's weight)."""
-        weight = routed_tokens * self.tp_cp_group.size()
-        fraction = self.micro_batch.loss_token_fraction if self.micro_batch is not None else None
-        return weight if fraction is None else weight * fraction
+        """What a rank's (partial) aux loss is multiplied by before megatron-core divides
+        every gradient by the global number of loss tokens. Upstream's later fix: the
+        micro-batch's routed tokens (this rank's x the TP x CP size; each rank's loss is
+        its share). MoE-LLaVA's weight, used when the model says it: the micro-batch's
+        loss tokens, making the total `coeff x aux` per micro-batch next to its mean LM
+        loss, however many tokens were routed (MoD routes only the kept ones)."""
+        loss_tokens = self.micro_batch.loss_tokens if self.micro_batch is not None else None
+        return routed_tokens * self.tp_cp_group.size() if loss_tokens is None else loss_tokens
 
     def attach_and_log_load_balancing_loss(
         self,

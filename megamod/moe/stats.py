@@ -10,6 +10,7 @@ Definitions (per layer): `load[e]` = expert-slots filled by expert e / all fille
 (a distribution over experts); `dropped_fraction` = 1 - filled slots / (tokens x top-k),
 the share of choices an expert's capacity refused. Image tokens are the `<image>`
 placeholder positions; every other position (prompt, answer, padding) counts as text.
+Padding slots a MoD layer adds to even out its kept tokens (modality -1) count nowhere.
 """
 
 from __future__ import annotations
@@ -38,19 +39,22 @@ class RoutingStats:
         self.topk = 1
 
     def record(
-        self, layer: int, routing_map: torch.Tensor, token_is_image: Optional[torch.Tensor], topk: int
+        self, layer: int, routing_map: torch.Tensor, modality: Optional[torch.Tensor], topk: int
     ) -> None:
-        """routing_map: [tokens, experts] bool, this rank's tokens of one micro-batch."""
+        """routing_map: [tokens, experts] bool, this rank's tokens of one micro-batch;
+        modality: [tokens] 0 text, 1 image, -1 not counted (None: all text)."""
         with torch.no_grad():
-            if token_is_image is None:
-                token_is_image = torch.zeros(routing_map.shape[0], dtype=torch.long)
-            modality = token_is_image.to(routing_map.device, torch.long).reshape(-1)
+            if modality is None:
+                modality = torch.zeros(routing_map.shape[0], dtype=torch.long)
+            modality = modality.to(routing_map.device, torch.long).reshape(-1)
             if self.counts.device != routing_map.device:
                 self.counts = self.counts.to(routing_map.device)
                 self.tokens = self.tokens.to(routing_map.device)
-            one_hot = torch.nn.functional.one_hot(modality, len(MODALITIES)).to(torch.float64)
-            self.counts[layer] += one_hot.T @ routing_map.to(torch.float64)
-            self.tokens[layer] += one_hot.sum(0)
+            # Rows of uncounted tokens (-1) are zeroed, not dropped: no host sync on GPU.
+            counted = (modality >= 0).to(torch.float64)
+            modality = modality.clamp(min=0)
+            self.counts[layer].index_add_(0, modality, routing_map.to(torch.float64) * counted[:, None])
+            self.tokens[layer].index_add_(0, modality, counted)
             self.forwards[layer] += 1
             self.topk = topk
 

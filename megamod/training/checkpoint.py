@@ -11,16 +11,25 @@ Model and optimizer state are sharded tensors, so a checkpoint loads at another 
 state (written once): tools read the model shape from it (`saved_config`), and a run
 whose MoE layout disagrees with its checkpoint is told which key to change. RNG states
 are per rank and restored only when the parallel layout is unchanged.
+
+A run starts from its own save_dir once that holds a checkpoint (`start_from`), and one
+job at a time owns a save_dir (`save_dir/megamod.lock`, `SaveDirLock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
+import json
+import logging
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -29,15 +38,27 @@ from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint import CheckpointException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megamod.config import Config, build_dataclass
+from megamod.config import CheckpointConfig, Config, build_dataclass
 from megamod.errors import CheckpointError
 
+logger = logging.getLogger("megamod")
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+LOCK_FILE = "megamod.lock"
 # With expert parallelism megatron-core chains two optimizers (dense and expert params)
 # and by default prefixes their state keys `chained_<i>.`, so an EP>1 checkpoint's
 # optimizer state would not load at EP=1 (one optimizer). Keys without the prefix are
 # the same for every layout (Megatron-LM sets this for its own dist checkpoints).
 _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
+# One key per decoder layer (`layers.<i>.`), never layers stacked into one tensor: dense,
+# MoE and MoD layers differ in their tensors, and a dense checkpoint must load into a
+# MoE or MoD model (upstream's default for new checkpoints).
+_MODEL_METADATA = {"non_homogeneous_layers": True}
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    # A fresh dict per call: megatron-core stores the current DP group into it.
+    return model.sharded_state_dict(metadata=dict(_MODEL_METADATA))
 _TMP_PREFIX = ".tmp_iter_"
 
 
@@ -122,7 +143,7 @@ def save_checkpoint(
         tmp_dir.mkdir()
     torch.distributed.barrier()
 
-    model_state = model.sharded_state_dict()
+    model_state = model_sharded_state_dict(model)
     state = {
         "model": model_state,
         "data": data_state,
@@ -132,7 +153,9 @@ def save_checkpoint(
         "rng_state": _sharded_rng(_rng_state()),
     }
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, metadata=dict(_OPTIMIZER_METADATA)
+        )
         state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, str(tmp_dir))
     torch.distributed.barrier()
@@ -222,11 +245,23 @@ def _yaml(value: Any) -> str:
     return str(value)
 
 
+def _present(model_state: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+    """Model state without the MoD routers the checkpoint lacks (a dense checkpoint loaded
+    into a MoD model: the routers keep their zero initialisation, w = 1)."""
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    return {
+        name: value for name, value in model_state.items()
+        if ".mod_router." not in name or getattr(value, "key", name) in saved
+    }
+
+
 def load_model_weights(load_dir: str | Path, model: torch.nn.Module) -> int:
     """Load only the model (`checkpoint.finetune`); any TP size. Returns the iteration."""
     iteration = read_latest_iteration(load_dir)
-    state = _load({"model": model.sharded_state_dict()}, iteration_dir(load_dir, iteration))
-    model.load_state_dict(state["model"])
+    ckpt_dir = iteration_dir(load_dir, iteration)
+    state = _load({"model": _present(model_sharded_state_dict(model), ckpt_dir)}, ckpt_dir)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    assert not unexpected and all(".mod_router." in name for name in missing), (missing, unexpected)
     return iteration
 
 
@@ -244,11 +279,11 @@ def load_checkpoint(
         )
     same_layout = common["parallel"] == parallel_layout()
 
-    model_state = model.sharded_state_dict()
+    model_state = model_sharded_state_dict(model)
     sharded = {
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(
-            model_state, is_loading=True, metadata=_OPTIMIZER_METADATA
+            model_state, is_loading=True, metadata=dict(_OPTIMIZER_METADATA)
         ),
     }
     if same_layout:
@@ -260,3 +295,94 @@ def load_checkpoint(
     if same_layout:
         _set_rng_state(state["rng_state"])
     return iteration, common["data"]
+
+
+def start_from(ckpt: CheckpointConfig) -> tuple[str | None, bool]:
+    """The checkpoint this run starts from (None: from scratch) and whether it takes only
+    the model weights (`finetune`). With `auto_resume`, the run's own save_dir wins as soon
+    as it holds a checkpoint, as Megatron-LM's --load wins over --pretrained-checkpoint: a
+    requeued stage-2 job continues its own run instead of restarting from stage 1."""
+    if ckpt.auto_resume and ckpt.save_dir and (Path(ckpt.save_dir) / TRACKER_FILE).is_file():
+        return ckpt.save_dir, False
+    return ckpt.load, ckpt.finetune
+
+
+class SaveDirLock:
+    """One job writes a save_dir at a time: an exclusive `flock` on `save_dir/megamod.lock`.
+
+    The kernel drops an flock when its holder dies, however it dies (kill -9; a lost node's
+    NFS lease or Lustre lock expires), so a dead job's lock is free for the next one with no
+    staleness guess. The file's content (job id, host, pid) only tells a refused job who
+    holds it; a holder that died leaves it behind, to be overwritten by the next."""
+
+    def __init__(self, save_dir: str | Path) -> None:
+        self.path = Path(save_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise CheckpointError naming its holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CheckpointError(
+                f"checkpoint.save_dir {self.path.parent} is in use by {_describe(holder)} "
+                f"(lock {self.path}): wait for that job to end, or set another "
+                f"checkpoint.save_dir"
+            ) from None
+        except OSError as e:  # a file system without flock (Lustre mounted noflock)
+            os.close(fd)
+            logger.warning(f"cannot lock {self.path} ({e}): running without the save_dir lock")
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode() + b"\n", 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no holder to name any more
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def _holder() -> dict[str, Any]:
+    return {
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def _describe(holder_json: str) -> str:
+    try:
+        h = json.loads(holder_json)
+    except json.JSONDecodeError:
+        return "another process"  # caught between its truncate and write
+    job = f"Slurm job {h['slurm_job_id']}, " if h.get("slurm_job_id") else ""
+    return f"{job}pid {h['pid']} on {h['host']} since {h['since']}"
+
+
+@contextlib.contextmanager
+def save_dir_locked(save_dir: str | Path | None) -> Iterator[None]:
+    """Rank 0 holds the save_dir lock for the job inside the block; every rank raises
+    CheckpointError if another job holds it. Collective."""
+    if save_dir is None:
+        yield
+        return
+    lock, error = SaveDirLock(save_dir), [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            error[0] = str(e)
+    torch.distributed.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointError(error[0])
+    try:
+        yield
+    finally:
+        lock.release()

@@ -58,9 +58,11 @@ class MetricsLogger:
     """
 
     AVERAGED = ("train/loss", "train/grad_norm", "train/step_time", "train/tokens_per_sec",
-                "data/wait_fraction")
+                "train/tflops_per_step", "train/tflops_per_sec", "data/wait_fraction")
 
-    def __init__(self, tensorboard_dir: str | None, log_interval: int) -> None:
+    def __init__(
+        self, tensorboard_dir: str | None, log_interval: int, start_iteration: int = 0
+    ) -> None:
         self.log_interval = log_interval
         self.writer = None
         self._sums: dict[str, float] = {}
@@ -68,7 +70,10 @@ class MetricsLogger:
         if tensorboard_dir is not None and is_rank_zero():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+            # A resumed run hides what an earlier run of this directory logged after the
+            # checkpoint it resumes from (steps it is about to log again): TensorBoard
+            # readers drop events at or past purge_step written before this writer's.
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_iteration + 1)
 
     # Per-layer / per-expert tags go to TensorBoard only; the console line stays readable.
     TENSORBOARD_ONLY = re.compile(r"/layer\d+")

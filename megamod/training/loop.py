@@ -1,9 +1,10 @@
-"""The training loop: get batch -> forward/backward -> optimizer step -> log -> checkpoint.
+"""The training loop: get batch -> forward/backward -> optimizer step -> log -> checkpoint
+-> stop if asked.
 
-`train(config)` runs one job start to end on every rank. Forward/backward over the
-micro-batches of a step is megatron-core's schedule (`get_forward_backward_func`), which
-also runs `finalize_model_grads` (DP all-reduce, SP norm grads, division by the global
-number of loss tokens).
+`train(config, preemption)` runs one job start to end on every rank, holding the
+save_dir lock. Forward/backward over the micro-batches of a step is megatron-core's
+schedule (`get_forward_backward_func`), which also runs `finalize_model_grads` (DP
+all-reduce, SP norm grads, division by the global number of loss tokens).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from megamod.errors import ConfigError
 from megamod.models.llava import LLaVA, padded_vocab_size
 from megamod.parallel import check_device_support, dist_env_from
 from megamod.training import checkpoint
+from megamod.training.flops import StepFlops
 from megamod.training.logging import MetricsLogger
 from megamod.training.optimizer import build_optimizer, build_scheduler, wrap_model
+from megamod.training.preemption import PreemptionWatcher
 
 logger = logging.getLogger("megamod")
 
@@ -79,23 +82,36 @@ def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
     )
 
 
-def data_metrics(loader: TrainLoader, step_time: float) -> dict[str, float]:
-    """Skipped and truncated samples summed over DP ranks (TP/EP peers read the same ones)
-    and the largest fraction of the step a DP rank waited for data (the slowest holds all
-    up). Collective over the DP group: every rank calls it every step."""
+def dp_metrics(loader: TrainLoader, step_time: float, flops: float) -> dict[str, float]:
+    """Skipped and truncated samples and the step's model FLOPs summed over DP ranks (TP/EP
+    peers read the same samples), and the largest fraction of the step a DP rank waited
+    for data (the slowest holds all up). Collective over the DP group: every rank calls
+    it every step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     group = parallel_state.get_data_parallel_group()
-    counts = torch.tensor(
-        [float(loader.counts.skipped), float(loader.counts.truncated)], device=device
+    sums = torch.tensor(
+        [float(loader.counts.skipped), float(loader.counts.truncated), flops / 1e12],
+        dtype=torch.float64, device=device,
     )
     wait = torch.tensor([loader.last_wait / step_time], device=device)
-    torch.distributed.all_reduce(counts, group=group)
+    torch.distributed.all_reduce(sums, group=group)
     torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX, group=group)
+    skipped, truncated, tflops = sums.tolist()
     return {
-        "data/skipped_samples": counts[0].item(),
-        "data/truncated_samples": counts[1].item(),
+        "data/skipped_samples": skipped,
+        "data/truncated_samples": truncated,
         "data/wait_fraction": wait.item(),
+        "train/tflops_per_step": tflops,
+        "train/tflops_per_sec": tflops / step_time,
     }
+
+
+def mod_metrics(model: LLaVA) -> dict[str, float]:
+    """MoD kept ratios and router weights over the steps since the last log (this rank's
+    samples), then reset."""
+    scalars = model.mod_stats.scalars()
+    model.mod_stats.reset()
+    return scalars
 
 
 def moe_metrics(
@@ -125,7 +141,8 @@ def check_batch_split(config: Config) -> None:
 
 
 def setup(config: Config) -> TrainState:
-    """Model, optimizer, schedule and data, resumed from `checkpoint.load` if set."""
+    """Model, optimizer, schedule and data, resumed or initialised from the checkpoint
+    `checkpoint.start_from` picks (the save_dir's own, else `checkpoint.load`)."""
     check_batch_split(config)
     check_device_support(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -135,18 +152,18 @@ def setup(config: Config) -> TrainState:
     scheduler = build_scheduler(config, optimizer)
     loader = build_loader(config, tokenizer)
     state = TrainState(config, ddp_model, optimizer, scheduler, loader)
-    ckpt = config.checkpoint
-    if ckpt.load is not None:
-        checkpoint.check_moe_layout(ckpt.load, config)
-    if ckpt.load is not None and ckpt.finetune:
-        checkpoint.load_model_weights(ckpt.load, model)
-        logger.info(f"loaded model weights from {ckpt.load} (finetune: fresh optimizer and data)")
-    elif ckpt.load is not None:
+    load_dir, finetune = checkpoint.start_from(config.checkpoint)
+    if load_dir is not None:
+        checkpoint.check_moe_layout(load_dir, config)
+    if load_dir is not None and finetune:
+        checkpoint.load_model_weights(load_dir, model)
+        logger.info(f"loaded model weights from {load_dir} (finetune: fresh optimizer and data)")
+    elif load_dir is not None:
         state.iteration, data_state = checkpoint.load_checkpoint(
-            ckpt.load, model, optimizer, scheduler
+            load_dir, model, optimizer, scheduler
         )
         loader.load_state_dict(data_state)
-        logger.info(f"resumed from {ckpt.load} at iteration {state.iteration}")
+        logger.info(f"resumed from {load_dir} at iteration {state.iteration}")
     # The schedule calls these at the right moments of every step.
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp_model.no_sync
@@ -225,18 +242,64 @@ def describe_run(state: TrainState) -> dict[str, Any]:
     }
 
 
-def train(config: Config) -> list[float]:
-    """Train to `train.train_iters`; returns the loss of every step this run took."""
-    state = setup(config)
+@dataclass
+class TrainResult:
+    losses: list[float]  # of every step this run took
+    # A stop signal ended the run before train.train_iters, after saving a checkpoint.
+    stopped_early: bool = False
+
+
+def already_trained(config: Config) -> bool:
+    """Whether the checkpoint this run would resume from has reached train.train_iters (a
+    finished job resubmitted or requeued); says so."""
+    load_dir, finetune = checkpoint.start_from(config.checkpoint)
+    if load_dir is None or finetune:
+        return False
+    iteration = checkpoint.read_latest_iteration(load_dir)
+    if iteration < config.train.train_iters:
+        return False
+    logger.info(
+        f"{load_dir} is at iteration {iteration}, train.train_iters="
+        f"{config.train.train_iters}: nothing to train"
+    )
+    return True
+
+
+def save(state: TrainState) -> None:
+    path = checkpoint.save_checkpoint(
+        state.config.checkpoint.save_dir, state.iteration, unwrap_model(state.model),
+        state.optimizer, state.scheduler, state.loader.state_dict(), state.config,
+    )
+    logger.info(f"saved checkpoint {path}")
+
+
+def train(config: Config, preemption: PreemptionWatcher | None) -> TrainResult:
+    """Train to `train.train_iters`, or until `preemption` catches a stop signal: then the
+    run saves a checkpoint after the current step and stops. One job owns
+    `checkpoint.save_dir` meanwhile (a second one is refused)."""
+    with checkpoint.save_dir_locked(config.checkpoint.save_dir):
+        if already_trained(config):
+            return TrainResult(losses=[])
+        return run(setup(config), preemption)
+
+
+def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
+    """The steps from `state.iteration` on: get batch -> step -> log -> checkpoint -> stop
+    if asked."""
+    config = state.config
     ckpt, train_cfg = config.checkpoint, config.train
-    metrics = MetricsLogger(config.logging.tensorboard_dir, config.logging.log_interval)
+    metrics = MetricsLogger(
+        config.logging.tensorboard_dir, config.logging.log_interval, state.iteration
+    )
     logger.info(json.dumps(describe_run(state)))
     tokens_per_step = train_cfg.global_batch_size * config.model.language.seq_length
     llava = unwrap_model(state.model)
-    losses = []
+    step_flops = StepFlops(config, llava.language_model.vocab_size, llava.image_token_id)
+    losses, stopped_early = [], False
     while state.iteration < train_cfg.train_iters:
         start = time.perf_counter()
         micro_batches = state.loader.next_step()
+        flops = step_flops(micro_batches)
         step = train_step(state, micro_batches)
         state.iteration += 1
         step_time = time.perf_counter() - start
@@ -247,7 +310,7 @@ def train(config: Config) -> list[float]:
             "train/grad_norm": step["train/grad_norm"],
             "train/step_time": step_time,
             "train/tokens_per_sec": tokens_per_step / step_time,
-            **data_metrics(state.loader, step_time),
+            **dp_metrics(state.loader, step_time, flops),
         }
         if torch.cuda.is_available():
             scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -258,14 +321,23 @@ def train(config: Config) -> list[float]:
                 llava, state.iteration, config.logging.moe_heatmap_interval
             )
             scalars.update(moe_scalars)
+        if llava.mod_stats is not None and metrics.is_log_step(state.iteration, last):
+            scalars.update(mod_metrics(llava))
         metrics.log(state.iteration, scalars, force=last, images=images)
         interval = ckpt.save_interval
-        if ckpt.save_dir and (last or (interval and state.iteration % interval == 0)):
-            path = checkpoint.save_checkpoint(
-                ckpt.save_dir, state.iteration, llava, state.optimizer,
-                state.scheduler, state.loader.state_dict(), config,
+        saved = bool(ckpt.save_dir and (last or (interval and state.iteration % interval == 0)))
+        if saved:
+            save(state)
+        if preemption is not None and not last and preemption.should_stop():
+            if not saved:
+                save(state)
+            logger.info(
+                f"stopped after iteration {state.iteration} on "
+                f"{preemption.received or 'a signal to another rank'}: run the same "
+                f"command again to continue from the checkpoint"
             )
-            logger.info(f"saved checkpoint {path}")
+            stopped_early = True
+            break
     metrics.close()
     state.loader.close()
-    return losses
+    return TrainResult(losses, stopped_early)

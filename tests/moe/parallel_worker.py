@@ -45,13 +45,11 @@ def global_name(name: str, num_local_experts: int) -> str:
     return name.replace(match.group(0), f"local_experts.{offset + int(match.group(1))}.")
 
 
-def step_grads(config, init_dir: Path | None) -> dict:
-    state = setup(config)
-    model = unwrap_model(state.model)
-    if init_dir is not None:
-        checkpoint.load_model_weights(init_dir, model)
-    num_local = config.moe.num_experts // config.parallel.expert_model_parallel_size
-    totals = forward_backward(state, state.loader.next_step())
+def gradients(config, model) -> dict:
+    """{"grads": every trained parameter's gradient, whole (TP shards gathered, experts
+    from every EP rank under their global index), "disagreeing": the names of replicas (one
+    tensor on several ranks) whose gradients differ between ranks}, on every rank."""
+    num_local = (config.moe.num_experts or 0) // config.parallel.expert_model_parallel_size
     grads = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -63,12 +61,23 @@ def step_grads(config, init_dir: Path | None) -> dict:
             grads[global_name(name, num_local)] = gather_tp(param.main_grad, param, expert_tp)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, grads)
-    merged = {}
+    merged, disagreeing = {}, set()
     for rank_grads in gathered:
         for name, grad in rank_grads.items():
+            if name in merged and not torch.allclose(merged[name], grad, atol=1e-7, rtol=1e-5):
+                disagreeing.add(name)
             merged.setdefault(name, grad)
-    return {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(), "grads": merged,
-            "model": model, "state": state}
+    return {"grads": merged, "disagreeing": sorted(disagreeing)}
+
+
+def step_grads(config, init_dir: Path | None) -> dict:
+    state = setup(config)
+    model = unwrap_model(state.model)
+    if init_dir is not None:
+        checkpoint.load_model_weights(init_dir, model)
+    totals = forward_backward(state, state.loader.next_step())
+    return {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(),
+            **gradients(config, model), "model": model, "state": state}
 
 
 def main(mode: str, out: Path, variant: str) -> None:

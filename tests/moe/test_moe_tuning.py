@@ -84,8 +84,7 @@ def test_stage3_trains_only_experts_and_routers_from_the_upcycled_model(chain, w
     assert changed(start, step) == moe
     # Optimizer state (Adam's first moment) exists for exactly the trained tensors.
     assert set(weights(chain["stage3"], 1, prefix="optimizer.state.exp_avg.")) == moe
-    # The upcycled experts started as copies of stage 2's FFN (a dense decoder's layers are
-    # saved stacked: [layers, ...]).
-    ffn = weights(chain["stage2"], 2)["language_model.decoder.layers.mlp.linear_fc1.weight"][0]
+    # The upcycled experts started as copies of stage 2's FFN.
+    ffn = weights(chain["stage2"], 2)["language_model.decoder.layers.0.mlp.linear_fc1.weight"]
     experts = start["language_model.decoder.layers.0.mlp.experts.experts.linear_fc1.weight"]
     assert all(torch.equal(expert, ffn) for expert in experts)

@@ -34,6 +34,7 @@ def test_loss_and_gradients_match_single_process(results, case):
     reference, other = results[f"grads_{variant}_ref"], results[f"grads_{case}"]
     assert other["tokens"] == reference["tokens"] > 0
     assert other["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert other["disagreeing"] == [], "replicas on different ranks disagree"
     assert set(other["grads"]) == set(reference["grads"])
     experts = [n for n in reference["grads"] if "local_experts.3." in n]
     routers = [n for n in reference["grads"] if n.endswith("router.weight")]

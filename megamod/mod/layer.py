@@ -1,0 +1,171 @@
+"""The MoD decoder layer: p-MoD (arXiv 2412.04449, section 3), as a megatron-core
+`TransformerLayer` that runs attention and MLP (dense or MoE) on the kept tokens only.
+
+Per micro-batch and sample, the router scores every token (`router.TokenRouter` +
+TanhNorm: weight w), and the top k = trunc(n_vision x ratio) vision tokens by w are kept
+(text and padding always are). Kept tokens run the layer in their original order with
+their original RoPE positions, under the layer's causal mask. Outputs (STRing, with
+h = x + Attn(LN(x)) and f = MLP(LN(h)) on the kept tokens):
+  kept vision  y = h + w * f      text  y = h + f      skipped vision  y = w * x.
+With a zero router (w = 1) and ratio 1 this is the dense layer, exactly.
+
+Sequence parallelism (the sequence is split over the TP ranks between layers). The rule
+is exact and uses only collectives megatron-core's own layers use:
+1. All-gather the layer input x over the TP group (autograd: reduce-scatter backward).
+   Every rank scores every token with the same router weights, so every rank (and TP=1)
+   selects the same tokens: the selection never depends on how the sequence is split.
+2. The kept tokens of each sample, in position order, are padded to one length K for the
+   micro-batch, a multiple of `mod.kept_length_multiple` (a multiple of the TP size) that
+   does not depend on TP; padding slots point at position 0 and sit after every real
+   token, so the causal mask keeps them out of every real token's attention. Rank r takes
+   slots [r K/TP, (r+1) K/TP) from the gathered x: the layer's own SP collectives then
+   see equal shapes on every rank.
+3. The kept outputs are all-gathered back and each rank writes its own positions (skipped
+   vision tokens take w * x).
+Each rank uses only some router weights (its kept slots, its skipped positions): the
+router's gradients are summed over TP like any sequence-parallel parameter's.
+Costs per MoD layer: two all-gathers of [s or K, b, h] forward, two reduce-scatters
+backward, no host synchronisation (the per-sample vision counts come from the host once per
+micro-batch, `MicroBatchInfo.vision_per_sample`), no Python loop over samples or tokens.
+
+Departures from the official code: ties in the router weights are broken by position
+(first token first; torch.topk leaves them unspecified), the router runs in fp32, and
+padding tokens are kept rather than dropped from the layer (the sequence length is fixed;
+they sit at the end and nobody attends to them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megamod.models.micro_batch import MicroBatchInfo
+from megamod.mod.router import TokenRouter, WeightNorm
+from megamod.mod.stats import MoDStats
+
+
+@dataclass
+class KeptTokens:
+    """One layer's selection for one micro-batch ([s, b] / [K, b] layouts, sequence first)."""
+
+    index: torch.Tensor  # [K, b] position of each slot (0 in padding slots)
+    valid: torch.Tensor  # [K, b] a real kept token (not padding)
+    slot: torch.Tensor  # [s, b] slot of each position, -1 where skipped
+    kept_vision: int  # vision tokens kept in the micro-batch (host)
+
+
+def select_kept_tokens(
+    weights: torch.Tensor,
+    is_image: torch.Tensor,
+    vision_per_sample: torch.Tensor,
+    ratio: float,
+    multiple: int,
+) -> KeptTokens:
+    """weights, is_image: [s, b]; vision_per_sample: [b] on the host. Per sample keep the
+    top trunc(n_vision x ratio) vision tokens by weight (ties: the earlier position) and
+    every other token."""
+    s, b = is_image.shape
+    device = is_image.device
+    # trunc(n x ratio) in float32, as the official code computes it.
+    keep_vision = torch.trunc(vision_per_sample.to(torch.float32) * ratio).long()
+    kept_per_sample = s - vision_per_sample + keep_vision
+    length = math.ceil(int(kept_per_sample.max()) / multiple) * multiple
+    keep_vision_dev = keep_vision.to(device, non_blocking=True)
+    kept_per_sample_dev = kept_per_sample.to(device, non_blocking=True)
+
+    positions = torch.arange(s, device=device).unsqueeze(1).expand(s, b)
+    # Rank of each vision token within its sample, best weight first.
+    scores = weights.float().masked_fill(~is_image, float("-inf"))
+    by_weight = torch.argsort(scores, dim=0, descending=True, stable=True)
+    rank = torch.empty_like(by_weight).scatter_(0, by_weight, positions)
+    kept = ~is_image | (rank < keep_vision_dev.unsqueeze(0))
+    # Kept positions first, each group in position order: a slot per kept token.
+    by_slot = torch.argsort(torch.where(kept, positions, positions + s), dim=0)
+    slot = torch.empty_like(by_slot).scatter_(0, by_slot, positions)
+    slot = slot.masked_fill(~kept, -1)
+    if length > s:
+        by_slot = torch.cat([by_slot, by_slot.new_zeros(length - s, b)])
+    valid = torch.arange(length, device=device).unsqueeze(1) < kept_per_sample_dev.unsqueeze(0)
+    index = by_slot[:length].masked_fill(~valid, 0)
+    return KeptTokens(index, valid, slot, int(keep_vision.sum()))
+
+
+def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [s, b, ...] at index [k, b] -> [k, b, ...]."""
+    expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(0, expanded)
+
+
+class MoDTransformerLayer(TransformerLayer):
+    """A TransformerLayer with p-MoD token selection; its own parameters keep the dense
+    layer's names (a dense checkpoint loads into it), plus `mod_router`."""
+
+    def __init__(
+        self,
+        *args: Any,
+        ratio: float,
+        weight_norm: str = "tanh_0.2_1",
+        kept_length_multiple: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.ratio = ratio
+        self.weight_norm = WeightNorm(weight_norm)
+        self.kept_length_multiple = kept_length_multiple
+        self.mod_router = TokenRouter(self.config.hidden_size, self.config.sequence_parallel)
+        # Attached by the model after it is built; without them this is a plain layer.
+        self.micro_batch: Optional[MicroBatchInfo] = None
+        self.stats: Optional[MoDStats] = None
+
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb=None, **kwargs: Any):
+        info = self.micro_batch
+        if info is None or info.token_is_image is None:
+            return super().forward(hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        sp = self.config.sequence_parallel
+        x_full = gather_from_sequence_parallel_region(hidden_states) if sp else hidden_states
+        weights = self.weight_norm(self.mod_router(x_full))  # [s, b], fp32
+        is_image = info.token_is_image
+        kept = select_kept_tokens(
+            weights.detach(), is_image, info.vision_per_sample, self.ratio, self.kept_length_multiple
+        )
+        if self.stats is not None:
+            self.stats.record(self.layer_number - 1, kept.kept_vision,
+                              int(info.vision_per_sample.sum()), weights, is_image)
+
+        # This rank's share of the kept slots (all of them without SP).
+        index, valid = kept.index, kept.valid
+        positions = slice(None)
+        if sp:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            index, valid = index.chunk(tp)[rank], valid.chunk(tp)[rank]
+            s_local = hidden_states.shape[0]
+            positions = slice(rank * s_local, (rank + 1) * s_local)
+        x_kept = _gather_seq(x_full, index)
+        if rotary_pos_emb is not None:  # [s, 1, 1, d] -> each kept token's own: [K, b, 1, d]
+            rotary_pos_emb = rotary_pos_emb[:, 0][kept.index]
+
+        h, context = self._forward_attention(x_kept, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        slot_is_image = _gather_seq(is_image, index) & valid
+        modality = slot_is_image.long().masked_fill(~valid, -1)  # MoE routers: padding not counted
+        with info.routing(modality.reshape(-1)):
+            f, bias = self.mlp(self._forward_pre_mlp_layernorm(h))
+        if bias is not None:
+            f = f + bias
+        slot_weight = torch.where(slot_is_image, _gather_seq(weights, index), 1.0)
+        y_kept = h + slot_weight.to(f.dtype).unsqueeze(-1) * f
+
+        # Back to the positions: kept tokens from y_kept, skipped vision tokens w * x.
+        if sp:
+            y_kept = gather_from_sequence_parallel_region(y_kept)
+        slot = kept.slot[positions]
+        from_kept = _gather_seq(y_kept, slot.clamp(min=0))
+        skipped = weights[positions].to(hidden_states.dtype).unsqueeze(-1) * hidden_states
+        output = torch.where((slot >= 0).unsqueeze(-1), from_kept, skipped)
+        return output, context

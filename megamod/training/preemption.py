@@ -1,0 +1,42 @@
+"""Stop at a step boundary when the job is asked to end, so it can checkpoint and resume.
+
+Slurm sends SIGUSR1 to every task `--signal=USR1@T` seconds before the time limit (and at
+preemption where the cluster sets `PreemptParameters=send_user_signal`); SIGTERM arrives
+on preemption with a grace time, on `scancel`, or from torchrun when it is stopped. The
+handler only sets a flag. After each step the loop asks `should_stop()`, a one-element
+all-reduce (MAX) of the flag over all ranks: the signal reaches ranks at different
+moments, and this way every rank stops after the same step. The loop then saves a
+checkpoint and the process exits with `EXIT_RESUMABLE`; `slurm/train.sbatch` turns that
+exit code into `scontrol requeue`, and the requeued job resumes from the checkpoint
+(`checkpoint.auto_resume`).
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+
+# sysexits.h's EX_TEMPFAIL ("try again later"): stopped early with a checkpoint saved;
+# running the same command again continues the run.
+EXIT_RESUMABLE = 75
+
+
+class PreemptionWatcher:
+    """From its creation on, SIGUSR1 and SIGTERM only record that they came."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the signal's name, once one came
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """Whether any rank has been signalled. Collective: every rank calls it each step."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
