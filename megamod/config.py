@@ -45,6 +45,15 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "num_layers", "hidden_size",
+                     "ffn_hidden_size", "num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.vision.{name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.vision.hidden_size={self.hidden_size} is not divisible by "
+                f"model.vision.num_attention_heads={self.num_attention_heads}"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.vision.image_size={self.image_size} is not a multiple of "
@@ -94,6 +103,10 @@ class LanguageConfig:
     untie_embeddings_and_output_weights: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.language.{name}={getattr(self, name)} must be >= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.language.hidden_size={self.hidden_size} is not divisible by "
@@ -332,6 +345,14 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "language"])
 
     def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.lr < self.min_lr:
+            raise ConfigError(
+                f"train.lr={self.lr} is below train.min_lr={self.min_lr}: the schedule decays "
+                f"from lr to min_lr, so lower min_lr or raise lr"
+            )
         unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
         if unknown:
             raise ConfigError(
@@ -356,9 +377,17 @@ class PrecisionConfig:
 
 @dataclass
 class StabilityConfig:
-    # Megatron-LM's --check-for-nan-in-loss-and-grad: fail loudly on a NaN/Inf
-    # gradient instead of training on garbage.
-    check_for_nan_in_loss_and_grad: bool = True
+    # A non-finite loss or gradient on any rank: "skip" the update on every rank (no
+    # parameter, optimizer-state or LR-schedule change; counted in train/skipped_steps), or
+    # "stop" the run (Megatron-LM's --check-for-nan-in-loss-and-grad).
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    # Fault injection for tests: poison the gradient of these iterations on the last rank.
+    inject_nan_at: Optional[int | list[int]] = None
+
+    def nan_iterations(self) -> set[int]:
+        if self.inject_nan_at is None:
+            return set()
+        return set(self.inject_nan_at if isinstance(self.inject_nan_at, list) else [self.inject_nan_at])
 
 
 @dataclass
@@ -368,6 +397,12 @@ class LoggingConfig:
     # MoE: a layers x experts expert-load image (all | text | image tokens) every N
     # iterations, at a log step; 0 = never.
     moe_heatmap_interval: int = 100
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"logging.log_interval={self.log_interval} must be >= 1")
+        if self.moe_heatmap_interval < 0:
+            raise ConfigError("logging.moe_heatmap_interval must be >= 0 (0 = never)")
 
 
 @dataclass
@@ -425,6 +460,19 @@ class Config:
             )
         if self.checkpoint.save_interval is not None and self.checkpoint.save_dir is None:
             raise ConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
+        for key, size in (("model.language.ffn_hidden_size", language.ffn_hidden_size),
+                          ("model.vision.ffn_hidden_size", vision.ffn_hidden_size),
+                          ("model.language.vocab_size", language.vocab_size or tp)):
+            if size % tp:
+                raise ConfigError(
+                    f"{key}={size} is not divisible by parallel.tensor_model_parallel_size={tp}"
+                )
+        # Found here, not at the first save after hours of training.
+        for key, path in (("checkpoint.save_dir", self.checkpoint.save_dir),
+                          ("logging.tensorboard_dir", self.logging.tensorboard_dir),
+                          ("checkpoint.load", self.checkpoint.load)):
+            if path is not None and Path(path).is_file():
+                raise ConfigError(f"{key}={path} is a file: it must name a directory")
         self._check_moe()
         self._check_mod()
 
@@ -506,6 +554,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -12,9 +12,9 @@ from tests.launcher import REPO, TINY_CONFIG, run
 
 
 def test_tiny_config_with_overrides():
-    config = load_config(TINY_CONFIG, ["train.lr=1e-4", "parallel.tensor_model_parallel_size=2",
+    config = load_config(TINY_CONFIG, ["train.lr=1e-3", "parallel.tensor_model_parallel_size=2",
                                        "parallel.sequence_parallel=true", "train.trainable=[projector]"])
-    assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
+    assert config.train.lr == 1e-3 and isinstance(config.train.lr, float)
     assert config.parallel.tensor_model_parallel_size == 2 and config.parallel.sequence_parallel
     assert config.train.trainable == ["projector"]
     assert config.model.vision.num_patches == 16
@@ -64,6 +64,21 @@ def test_defaults_are_llava_shapes():
         (["mod.enabled=true", "mod.schedule=fixed", "mod.layers=[1,7]"], ["mod.layers", "0..3"]),
         (["mod.ratio=0"], ["mod.ratio"]),
         (["mod.candidates=text"], ["mod.candidates", "vision"]),
+        # Each of these ended in a traceback once (issue: bad input never does).
+        (["train.lr=1e-5", "train.min_lr=1e-4"], ["train.lr", "train.min_lr"]),
+        (["train.train_iters=0"], ["train.train_iters", ">= 1"]),
+        (["train.micro_batch_size=0"], ["train.micro_batch_size", ">= 1"]),
+        (["model.vision.patch_size=0"], ["model.vision.patch_size", ">= 1"]),
+        (["model.language.num_attention_heads=0"], ["model.language.num_attention_heads"]),
+        (["logging.log_interval=0"], ["logging.log_interval", ">= 1"]),
+        (["model.vision.hidden_size=65"], ["model.vision.hidden_size", "num_attention_heads"]),
+        (["parallel.tensor_model_parallel_size=2", "model.language.ffn_hidden_size=351"],
+         ["model.language.ffn_hidden_size=351", "tensor_model_parallel_size=2"]),
+        (["parallel.tensor_model_parallel_size=2", "model.language.vocab_size=1001"],
+         ["model.language.vocab_size=1001"]),
+        ([f"checkpoint.save_dir={TINY_CONFIG}"], ["checkpoint.save_dir", "is a file"]),
+        ([f"logging.tensorboard_dir={TINY_CONFIG}"], ["logging.tensorboard_dir", "is a file"]),
+        ([f"checkpoint.load={TINY_CONFIG}"], ["checkpoint.load", "is a file"]),
         (["mod.enabled=true", "parallel.tensor_model_parallel_size=2",
           "parallel.sequence_parallel=true", "mod.kept_length_multiple=3"],
          ["mod.kept_length_multiple", "tensor_model_parallel_size=2"]),
@@ -139,3 +154,10 @@ def test_pmod_configs_load_with_the_papers_schedule():
     for tiny in ("tiny", "tiny_moe"):
         config = load_config(REPO / f"examples/configs/pmod/{tiny}.yaml")
         assert layer_ratios(config.mod, 4) == [None, 0.75, pytest.approx(0.25), 0.15]
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train: {lr: 1.0e-3}  # d\xe9j\xe0 vu\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml is not UTF-8"):
+        load_config(path)

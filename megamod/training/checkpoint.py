@@ -133,6 +133,11 @@ def save_checkpoint(
     `optimizer` and `scheduler` may be None (a weights-only checkpoint, as `upcycle`
     writes): `checkpoint.finetune` loads it."""
     save_dir = Path(save_dir)
+    if not _all_finite(model):
+        raise CheckpointError(
+            f"the model has non-finite parameters at iteration {iteration}: not saved, and "
+            f"the latest checkpoint in {save_dir} stays what it was"
+        )
     tmp_dir = save_dir / f"{_TMP_PREFIX}{iteration:07d}"
     final_dir = iteration_dir(save_dir, iteration)
     rank = torch.distributed.get_rank()
@@ -173,6 +178,16 @@ def save_checkpoint(
         _fsync_dir(save_dir)
     torch.distributed.barrier()
     return final_dir
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter on every rank is finite (a poisoned model is never saved).
+    Collective."""
+    device = next(model.parameters()).device
+    local = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    flag = local.to(device=device, dtype=torch.float32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -34,6 +34,7 @@ from megamod.training.flops import StepFlops
 from megamod.training.logging import MetricsLogger
 from megamod.training.optimizer import build_optimizer, build_scheduler, wrap_model
 from megamod.training.preemption import PreemptionWatcher
+from megamod.training.stability import NonFiniteGuard
 
 logger = logging.getLogger("megamod")
 
@@ -47,6 +48,7 @@ class TrainState:
     optimizer: Any
     scheduler: Any
     loader: TrainLoader
+    guard: NonFiniteGuard
     iteration: int = 0
 
 
@@ -151,7 +153,7 @@ def setup(config: Config) -> TrainState:
     optimizer = build_optimizer(config, ddp_model)
     scheduler = build_scheduler(config, optimizer)
     loader = build_loader(config, tokenizer)
-    state = TrainState(config, ddp_model, optimizer, scheduler, loader)
+    state = TrainState(config, ddp_model, optimizer, scheduler, loader, NonFiniteGuard(config.stability))
     load_dir, finetune = checkpoint.start_from(config.checkpoint)
     if load_dir is not None:
         checkpoint.check_moe_layout(load_dir, config)
@@ -214,11 +216,16 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
     """One optimizer step over this rank's micro-batches; returns the step's metrics."""
     totals = forward_backward(state, micro_batches)
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    state.guard.inject(state.iteration + 1, state.model)
+    if state.guard.should_skip(state.iteration + 1, totals, state.model):
+        # No optimizer step and no schedule step: the next step retries with the same LR.
+        return {"train/loss": loss, "train/grad_norm": float("nan"), "train/lr": lr}
     update_successful, grad_norm, _ = state.optimizer.step()
     if update_successful:
         state.scheduler.step(increment=1)
     return {
-        "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+        "train/loss": loss,
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "train/lr": lr,
     }
@@ -311,6 +318,7 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
             "train/step_time": step_time,
             "train/tokens_per_sec": tokens_per_step / step_time,
             **dp_metrics(state.loader, step_time, flops),
+            "train/skipped_steps": float(state.guard.skipped),
         }
         if torch.cuda.is_available():
             scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -37,7 +37,9 @@ def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=config.stability.check_for_nan_in_loss_and_grad,
+        # "skip" looks at the gradients itself (megamod.training.stability) after the
+        # reduction; upstream's check raises inside it.
+        check_for_nan_in_grad=config.stability.on_nonfinite == "stop",
     )
     return DistributedDataParallel(model.config, ddp_config, module)
 
