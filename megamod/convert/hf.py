@@ -228,14 +228,16 @@ def _megamod_config(hf_config: Mapping[str, Any], embedding: torch.Tensor) -> di
     }
 
 
-def _hf_config(config: Config, image_token_id: int, embedding: torch.Tensor) -> dict[str, Any]:
-    """The `LlavaForConditionalGeneration` config (as config.json holds it) of `config`;
-    the vocabulary size and dtype are the embedding's."""
+def hf_config(
+    config: Config, image_token_id: int, vocab_size: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    """The `LlavaForConditionalGeneration` config (as config.json holds it) of `config`, with
+    the (padded) vocabulary size and the dtype of its weights."""
     vision, language, moe = config.model.vision, config.model.language, config.moe
     tied = not language.untie_embeddings_and_output_weights
     text = {
         "model_type": "llama",
-        "vocab_size": embedding.shape[0],
+        "vocab_size": vocab_size,
         "hidden_size": language.hidden_size,
         "intermediate_size": language.ffn_hidden_size,
         "num_hidden_layers": language.num_layers,
@@ -261,7 +263,7 @@ def _hf_config(config: Config, image_token_id: int, embedding: torch.Tensor) -> 
     return {
         "model_type": "llava",
         "architectures": ["LlavaForConditionalGeneration"],
-        "dtype": str(embedding.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "image_token_index": image_token_id,
         "image_seq_length": vision.num_patches,
         "projector_hidden_act": "gelu",
@@ -453,7 +455,7 @@ def to_hf(
     # in a bf16/fp16 model.
     embedding = state_dict["language_model.embedding.word_embeddings.weight"]
     out = {key: tensor.to(embedding.dtype) for key, tensor in out.items()}
-    return out, _hf_config(config, image_token_id, embedding)
+    return out, hf_config(config, image_token_id, embedding.shape[0], embedding.dtype)
 
 
 def pad_vocab(state_dict: Mapping[str, torch.Tensor], rows: int) -> StateDict:

@@ -1,0 +1,340 @@
+"""Training-step benchmark (issue "Performance"): megamod's dense, MoE, MoD and MoD+MoE
+variants of one shape, and Hugging Face's `LlavaForConditionalGeneration` as the dense
+shape's peer, on the same micro-batches, built in one process and timed interleaved.
+
+    python benchmarks/run.py --quick [--steps 5] [--warmup 1] [--variants dense,mod,hf] [--json]
+    python benchmarks/run.py --dry-run      # the default ~1B GPU shape on paper: shapes, FLOPs
+
+Each megamod variant is a config (examples/configs/tiny.yaml + the shape's overrides + the
+variant's), built by `megamod.training.loop.setup` in a world of one (megatron-core's
+parallel state re-initialised per variant, same seed) and stepped by `train_step` on one
+step's micro-batches drawn beforehand from the dense build's loader (data loading is not
+timed; all variants step on the same samples). The HF peer is the dense config through
+megamod's HF config mapping (`megamod.convert.hf`: the ViT's built layers, the last one the
+feature layer), the same parts frozen, torch.optim.AdamW and the same gradient clipping;
+eager attention on CPU, SDPA on GPU. After the warm-up, each repetition steps every variant
+once, in turn; a variant's step time is its median. FLOPs are `megamod.training.flops`'
+model FLOPs (the HF peer does the dense model's work). Memory: on GPU each variant's step
+peak above what was allocated before its step (all variants stay resident); on CPU the
+process' peak RSS, once.
+
+Default shape (not --quick): CLIP ViT-L/336 (frozen, as in LLaVA SFT) + a 16-layer,
+2048-wide decoder (0.85B parameters; 1.7B with MoE), bf16, 4 x 1024 tokens per micro-batch.
+All five variants resident hold ~100 GB of weights, gradients and optimizer state (on paper,
+not run yet): an H200, or on an 80 GB H100 e.g. `--variants dense,mod,hf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megamod.config import Config, load_config
+from megamod.training.flops import Sample, StepFlops, kv_cache_bytes, sample_flops
+
+BASE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny.yaml"
+
+
+def keys(section: str, **values: object) -> list[str]:
+    """Command-line overrides `section.key=value`."""
+    return [f"{section}.{key}={value}" for key, value in values.items()]
+
+
+COMMON = (keys("checkpoint", save_dir="null", save_interval="null")
+          + keys("logging", tensorboard_dir="null")
+          + keys("data", num_workers=1, prefetch_steps=0, max_skip_fraction=0.9))
+SHAPES = {
+    # CPU-sized, with what MoD exploits: 576 vision tokens of a 640-token sequence.
+    "quick": keys("model.vision", image_size=336, patch_size=14, num_layers=3, hidden_size=96,
+                  ffn_hidden_size=384, num_attention_heads=4)
+    + keys("model.language", num_layers=6, hidden_size=256, ffn_hidden_size=704,
+           num_attention_heads=4, num_query_groups=2, seq_length=640)
+    + keys("train", micro_batch_size=2, global_batch_size=2),
+    # For one GPU: CLIP ViT-L/336 (frozen) + a TinyLlama-width decoder of 16 layers.
+    "default": keys("model.vision", image_size=336, patch_size=14, num_layers=24, hidden_size=1024,
+                    ffn_hidden_size=4096, num_attention_heads=16)
+    + keys("model.language", num_layers=16, hidden_size=2048, ffn_hidden_size=5632,
+           num_attention_heads=16, num_query_groups=4, seq_length=1024, vocab_size=32000)
+    + keys("train", micro_batch_size=4, global_batch_size=8, trainable="[projector,language]")
+    + keys("precision", params_dtype="bf16"),
+    # For the test: the tiny model, 2 layers, one sample a step.
+    "smoke": keys("model.language", num_layers=2)
+    + keys("train", micro_batch_size=1, global_batch_size=1),
+}
+MOE = keys("moe", num_experts=4, router_topk=2, layer_freq=2)
+MOD = keys("mod", enabled="true", schedule="prd")
+VARIANTS = {"dense": [], "moe": MOE, "mod": MOD, "mod_moe": MOD + MOE, "hf": []}
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: list[str]
+    config: Config
+    step: Callable[[], object] = lambda: None  # set by build_megamod / build_hf
+    tflops_per_step: float = 0.0
+    times: list[float] = field(default_factory=list)
+    step_memory: list[float] = field(default_factory=list)  # GiB above the resident, GPU only
+
+
+def init_world(config: Config) -> None:
+    """(Re)build megatron-core's parallel state for `config` in this one-rank job (seeded)."""
+    from megatron.core import parallel_state
+
+    from megamod.parallel import free_port, init_distributed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    init_distributed(config.parallel, config.train.seed)
+
+
+def build_megamod(
+    variant: Variant, micro_batches: list[dict] | None = None
+) -> tuple[list[dict], int, int]:
+    """Sets `variant.step` to a step on `micro_batches` (default: its loader's first step);
+    returns them, the vocab size and the image token id."""
+    from megatron.core.utils import unwrap_model
+
+    from megamod.training.loop import setup, train_step
+
+    init_world(variant.config)
+    state = setup(variant.config)
+    micro_batches = micro_batches or state.loader.next_step()
+    state.loader.close()
+    llava = unwrap_model(state.model)
+    vocab_size, image_id = llava.language_model.vocab_size, llava.image_token_id
+    variant.tflops_per_step = StepFlops(variant.config, vocab_size, image_id)(micro_batches) / 1e12
+    variant.step = lambda: train_step(state, micro_batches)
+    return micro_batches, vocab_size, image_id
+
+
+def build_hf(variant: Variant, micro_batches: list[dict], vocab_size: int, image_id: int) -> None:
+    """The dense config as `LlavaForConditionalGeneration` (megamod's HF mapping), the same
+    parts frozen, AdamW with the config's hyperparameters and clipping; sets `variant.step`."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from megamod.convert.hf import hf_config
+
+    config = variant.config
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        config.precision.params_dtype
+    ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llava_config = LlavaConfig.from_dict(hf_config(config, image_id, vocab_size, dtype))
+    torch.manual_seed(config.train.seed)
+    model = LlavaForConditionalGeneration._from_config(
+        llava_config, attn_implementation="sdpa" if device == "cuda" else "eager", dtype=dtype
+    ).to(device).train()
+    parts = {"vision": [model.model.vision_tower], "projector": [model.model.multi_modal_projector],
+             "language": [model.model.language_model, model.lm_head]}
+    model.requires_grad_(False)
+    for name in config.train.trainable:
+        for module in parts[name]:
+            module.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train = config.train
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                                  eps=train.adam_eps, weight_decay=train.weight_decay)
+    loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for batch in micro_batches:
+            images = batch["images"].to(device, dtype) if len(batch["images"]) else None
+            logits = model(input_ids=batch["tokens"].to(device), pixel_values=images).logits
+            # megamod's labels are already the next tokens (Megatron-LM's layout): no shift.
+            labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+            ((losses * mask.flatten()).sum() / loss_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, train.clip_grad)
+        optimizer.step()
+
+    variant.step = step
+
+
+def timed(variant: Variant) -> None:
+    """One step of `variant`, its time (and on GPU its memory) recorded."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    variant.step()
+    if cuda:
+        torch.cuda.synchronize()
+        variant.step_memory.append((torch.cuda.max_memory_allocated() - resident) / 2**30)
+    variant.times.append(time.perf_counter() - start)
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def ratios(results: dict[str, dict], configs: dict[str, Config]) -> dict[str, float]:
+    """Step-time ratios (< 1: the first is faster), and MoD's FLOPs and KV-cache ratios."""
+    time_of = {name: r["step_time_s"] for name, r in results.items()}
+    out = {f"ratio_{name}_vs_dense": time_of[name] / time_of["dense"]
+           for name in ("mod", "moe", "mod_moe") if name in time_of}
+    if "hf" in time_of:
+        out["ratio_megamod_vs_hf"] = time_of["dense"] / time_of["hf"]
+    if "mod" in time_of:
+        dense, mod = results["dense"]["tflops_per_step"], results["mod"]["tflops_per_step"]
+        out["flops_ratio"] = mod / dense
+        typical = Sample(images=1, seq_length=configs["dense"].model.language.seq_length)
+        kv = {name: kv_cache_bytes(configs[name], typical) for name in ("dense", "mod")}
+        out["kv_cache_ratio"] = kv["mod"] / kv["dense"]
+    return out
+
+
+def dry_run(variants: list[Variant]) -> None:
+    """Shapes and, for a 1-image sample, model TFLOPs and KV cache per variant, unbuilt."""
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.llava import padded_vocab_size
+
+    config = variants[0].config
+    vision, language = config.model.vision, config.model.language
+    vocab = language.vocab_size or padded_vocab_size(
+        load_tokenizer(config.data.tokenizer).vocab_size, language.make_vocab_size_divisible_by,
+        config.parallel.tensor_model_parallel_size)
+    print(f"ViT {vision.num_built_layers}/{vision.num_layers} layers x {vision.hidden_size} at "
+          f"{vision.image_size} px ({vision.num_patches} tokens); decoder {language.num_layers} "
+          f"layers x {language.hidden_size} (ffn {language.ffn_hidden_size}, "
+          f"{language.num_attention_heads} heads, {language.num_query_groups} groups), "
+          f"seq {language.seq_length}, vocab {vocab}")
+    sample = Sample(images=1, seq_length=language.seq_length)
+    for v in variants:
+        flops = sample_flops(v.config, sample, vocab) / 1e12
+        kv = kv_cache_bytes(v.config, sample) / 2**20
+        print(f"{v.name:8s} {flops:8.3f} TFLOPs/sample (training)  KV cache {kv:7.1f} MiB (bf16)")
+
+
+def build(variants: list[Variant]) -> tuple[list[dict], int, int]:
+    """Every variant built; the data (and the HF peer's vocabulary) come from the dense
+    build, and all variants step on them. Returns what `build_megamod` does."""
+    dense = next(v for v in variants if v.name == "dense")
+    micro_batches, vocab_size, image_id = build_megamod(dense)
+    for variant in variants:
+        if variant.name == "hf":
+            build_hf(variant, micro_batches, vocab_size, image_id)
+            variant.tflops_per_step = dense.tflops_per_step
+        elif variant is not dense:
+            build_megamod(variant, micro_batches)
+    return micro_batches, vocab_size, image_id
+
+
+def measure(variants: list[Variant], warmup: int, steps: int) -> None:
+    """Warm-up steps per variant, then `steps` repetitions, each stepping every variant."""
+    for variant in variants:
+        for _ in range(warmup):
+            variant.step()
+    for _ in range(steps):
+        for variant in variants:
+            timed(variant)
+
+
+def results_of(variant: Variant, tokens_per_step: int, peak: float | None) -> dict[str, float]:
+    step_time = statistics.median(variant.times)
+    tflops = variant.tflops_per_step
+    # The minimum too: on a shared machine it is the least disturbed repetition.
+    result = {"step_time_s": step_time, "step_time_min_s": min(variant.times),
+              "tokens_per_s": tokens_per_step / step_time,
+              "tflops_per_step": tflops, "tflops_per_s": tflops / step_time}
+    if peak is not None:
+        result["mfu"] = result["tflops_per_s"] / peak
+    if variant.step_memory:
+        result["step_memory_gib"] = max(variant.step_memory)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--quick", action="store_true", help="the CPU-sized shape")
+    shape.add_argument("--smoke", action="store_true", help="the tiny model (tests)")
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"a subset of {','.join(VARIANTS)}, with dense")
+    parser.add_argument("--dry-run", action="store_true", help="print shapes and FLOPs only")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    args = parser.parse_args()
+
+    shape_name = "quick" if args.quick else "smoke" if args.smoke else "default"
+    names = args.variants.split(",")
+    if set(names) - VARIANTS.keys() or "dense" not in names:
+        parser.error(f"--variants: a subset of {list(VARIANTS)} with dense (it supplies the data)")
+    variants = []
+    for name in names:
+        overrides = COMMON + SHAPES[shape_name] + VARIANTS[name]
+        variants.append(Variant(name, overrides, load_config(BASE, overrides)))
+    if args.dry_run:
+        dry_run(variants)
+        return
+
+    from megamod.parallel import destroy_distributed
+
+    micro_batches, vocab_size, image_id = build(variants)
+    measure(variants, args.warmup, args.steps)
+    destroy_distributed()
+
+    config = variants[0].config
+    tokens_per_step = config.train.global_batch_size * config.model.language.seq_length
+    results = {v.name: results_of(v, tokens_per_step, device_peak_tflops()) for v in variants}
+    images = [int(n) for b in micro_batches
+              for n in (b["tokens"] == image_id).sum(1) // config.model.vision.num_patches]
+    summary = {
+        "shape": shape_name,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": config.precision.params_dtype,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "images_per_sample": images,
+        "vocab_size": vocab_size,
+        "overrides": {v.name: v.overrides for v in variants},
+        "variants": results,
+        "ratios": ratios(results, {v.name: v.config for v in variants}),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB
+    }
+    print_table(summary)
+    if args.json:
+        print(json.dumps(summary))
+
+
+def print_table(summary: dict) -> None:
+    print(f"{summary['device']}, {summary['dtype']}, {summary['threads']} threads; images per "
+          f"sample {summary['images_per_sample']}; median of {summary['steps']} after "
+          f"{summary['warmup']} warm-up")
+    print(f"{'variant':8s} {'step s':>8s} {'min s':>7s} {'tokens/s':>9s} {'TFLOP/step':>10s} "
+          f"{'TFLOP/s':>8s} {'MFU':>6s} {'step GiB':>8s}")
+    for name, r in summary["variants"].items():
+        mfu = f"{r['mfu']:6.1%}" if "mfu" in r else f"{'-':>6s}"
+        memory = f"{r['step_memory_gib']:8.2f}" if "step_memory_gib" in r else f"{'-':>8s}"
+        print(f"{name:8s} {r['step_time_s']:8.3f} {r['step_time_min_s']:7.3f} "
+              f"{r['tokens_per_s']:9.0f} {r['tflops_per_step']:10.4f} {r['tflops_per_s']:8.4f} "
+              f"{mfu} {memory}")
+    for name, value in summary["ratios"].items():
+        print(f"{name:24s} {value:.3f}")
+    print(f"peak RSS of the process (all variants): {summary['peak_rss_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
