@@ -97,8 +97,8 @@ def init_world(config: Config) -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not torch.distributed.is_initialized():  # its own free port, never an inherited one
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     init_distributed(config.parallel, config.train.seed)
 
 

@@ -169,7 +169,8 @@ def route(save_dir: Path, saved: Config, shards: str, batches: int) -> dict[str,
     from megamod.parallel import destroy_distributed, free_port, init_distributed
 
     config = routing_config(saved, shards)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # A one-process job: its own free port, never one inherited from a launcher's env.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     init_distributed(config.parallel, config.train.seed)
     try:
         return _route(save_dir, config, batches)
