@@ -28,6 +28,13 @@ from megamod.errors import ConfigError
 TRAINABLE_PARTS = ("vision", "projector", "language", "moe")
 
 
+def _require_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
+    """Sizes and counts below 1 end in a division by zero or an assertion deep inside."""
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{prefix}.{name}={getattr(section, name)} must be >= 1")
+
+
 @dataclass
 class VisionConfig:
     """CLIP-style ViT. Defaults: CLIP ViT-L/14 at 336 px, as in LLaVA-1.5."""
@@ -45,10 +52,9 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "num_layers", "hidden_size",
-                     "ffn_hidden_size", "num_attention_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.vision.{name}={getattr(self, name)} must be >= 1")
+        _require_positive(self, "model.vision", ("image_size", "patch_size", "num_layers",
+                                                 "hidden_size", "ffn_hidden_size",
+                                                 "num_attention_heads"))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by "
@@ -103,10 +109,9 @@ class LanguageConfig:
     untie_embeddings_and_output_weights: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "seq_length", "make_vocab_size_divisible_by"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.language.{name}={getattr(self, name)} must be >= 1")
+        _require_positive(self, "model.language", ("num_layers", "hidden_size", "ffn_hidden_size",
+                                                   "num_attention_heads", "seq_length",
+                                                   "make_vocab_size_divisible_by"))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.language.hidden_size={self.hidden_size} is not divisible by "
@@ -345,9 +350,7 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "language"])
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "global_batch_size", "train_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        _require_positive(self, "train", ("micro_batch_size", "global_batch_size", "train_iters"))
         if self.lr < self.min_lr:
             raise ConfigError(
                 f"train.lr={self.lr} is below train.min_lr={self.min_lr}: the schedule decays "
