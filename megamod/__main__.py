@@ -1,7 +1,7 @@
 """`python -m megamod <command>` and the `megamod` console script.
 
 Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`, `upcycle ...`,
-`inspect ...`, `convert ...`.
+`inspect ...`, `convert ...`, `generate ...`.
 Exit codes: 0 success, 2 bad config or input (the message names the key or file),
 75 (train) stopped early by a signal with a checkpoint saved: run it again to continue,
 1 anything else (a bug: the traceback is printed).
@@ -23,6 +23,8 @@ commands:
   inspect CKPT_DIR [--routing --data SHARDS]  describe a checkpoint (see --help)
   convert --from {hf,hf-parts,megamod} --to {megamod,hf} ...
                                           convert checkpoints (see --help)
+  generate --checkpoint CKPT_DIR --image FILE --prompt TEXT [--max-new-tokens N]
+           [--temperature T]              answer a prompt about an image (see --help)
 """
 
 
@@ -90,12 +92,22 @@ def convert_command(argv: list[str]) -> int:
     return main(argv)
 
 
+def generate_command(argv: list[str]) -> int:
+    from megamod.training.logging import silence_upstream_warnings
+
+    silence_upstream_warnings()
+    from megamod.inference.generate import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "train": train_command,
     "build-shards": build_shards_command,
     "upcycle": upcycle_command,
     "inspect": inspect_command,
     "convert": convert_command,
+    "generate": generate_command,
 }
 
 

@@ -132,6 +132,30 @@ def _normalise_turns(turns: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def _tokenize(
+    pieces: list[_Piece], tokenizer: Tokenizer, num_image_tokens: int
+) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
+    """Token ids, their loss flags and the [start, end) of each image run."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    image_runs: list[tuple[int, int]] = []
+    for piece, is_trained in _merge_text(pieces):
+        if isinstance(piece, int):
+            ids.append(piece)
+            trained.append(is_trained)
+            continue
+        for k, text in enumerate(piece.split(IMAGE_TOKEN)):
+            if k > 0:  # an <image> stood before this text; image tokens never take loss
+                image_runs.append((len(ids), len(ids) + num_image_tokens))
+                ids += [tokenizer.image_token_id] * num_image_tokens
+                trained += [False] * num_image_tokens
+            if text:
+                new = tokenizer.encode(text)
+                ids += new
+                trained += [is_trained] * len(new)
+    return ids, trained, image_runs
+
+
 def encode_conversation(
     turns: list[dict], template: str, tokenizer: Tokenizer, num_image_tokens: int, seq_length: int
 ) -> EncodedSample:
@@ -147,23 +171,8 @@ def encode_conversation(
     if num_image_tokens < 1 or seq_length < 2:
         raise ValueError(f"need num_image_tokens >= 1 and seq_length >= 2, got {num_image_tokens}, {seq_length}")
 
-    ids: list[int] = []
-    trained: list[bool] = []
-    image_runs: list[tuple[int, int]] = []  # [start, end) of each image run in `ids`
-    for piece, is_trained in _merge_text(_render(_normalise_turns(turns), template, tokenizer)):
-        if isinstance(piece, int):
-            ids.append(piece)
-            trained.append(is_trained)
-            continue
-        for k, text in enumerate(piece.split(IMAGE_TOKEN)):
-            if k > 0:  # an <image> stood before this text; image tokens never take loss
-                image_runs.append((len(ids), len(ids) + num_image_tokens))
-                ids += [tokenizer.image_token_id] * num_image_tokens
-                trained += [False] * num_image_tokens
-            if text:
-                new = tokenizer.encode(text)
-                ids += new
-                trained += [is_trained] * len(new)
+    pieces = _render(_normalise_turns(turns), template, tokenizer)
+    ids, trained, image_runs = _tokenize(pieces, tokenizer, num_image_tokens)
 
     cut = min(len(ids), seq_length)
     for start, end in image_runs:
@@ -179,3 +188,15 @@ def encode_conversation(
     return EncodedSample(
         tokens=tokens, labels=labels, num_images=num_images, truncated=len(ids) > cut, length=cut
     )
+
+
+def encode_prompt(turns: list[dict], template: str, tokenizer: Tokenizer, num_image_tokens: int) -> list[int]:
+    """Token ids of `turns` (ending with a human turn) followed by the assistant's header:
+    the prompt a model trained on `template` answers, rendered as training renders it
+    (LLaVA's `get_prompt()` with an empty assistant message: "... ASSISTANT:")."""
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {template!r}: use one of {', '.join(TEMPLATES)}")
+    pieces = _render(_normalise_turns(turns) + [("gpt", "")], template, tokenizer)
+    while pieces and pieces[-1][1]:  # the empty answer and its end-of-turn token
+        pieces.pop()
+    return _tokenize(pieces, tokenizer, num_image_tokens)[0]

@@ -28,6 +28,12 @@ Costs per MoD layer: two all-gathers of [s or K, b, h] forward, two reduce-scatt
 backward, no host synchronisation (the per-sample vision counts come from the host once per
 micro-batch, `MicroBatchInfo.vision_per_sample`), no Python loop over samples or tokens.
 
+Inference (`megamod.inference`, TP=1): at prefill a MoD layer keeps tokens as in training
+and caches the keys and values of those only, in a cache of its own; decode tokens are
+text and run every layer against that cache (p-MoD section 3.4). Unlike the official code,
+batches of prompts work: batch padding is never kept, and masks and RoPE follow each
+layer's own slots (`megamod.inference.cache`).
+
 Departures from the official code: ties in the router weights are broken by position
 (first token first; torch.topk leaves them unspecified), the router runs in fp32, and
 padding tokens are kept rather than dropped from the layer (the sequence length is fixed;
@@ -66,15 +72,20 @@ def select_kept_tokens(
     vision_per_sample: torch.Tensor,
     ratio: float,
     multiple: int,
+    padding: Optional[torch.Tensor] = None,
+    padding_per_sample: Optional[torch.Tensor] = None,
 ) -> KeptTokens:
     """weights, is_image: [s, b]; vision_per_sample: [b] on the host. Per sample keep the
     top trunc(n_vision x ratio) vision tokens by weight (ties: the earlier position) and
-    every other token."""
+    every other token but `padding` ([s, b], its per-sample count on the host: a batch of
+    left-padded prompts at inference, whose padding no layer needs to cache)."""
     s, b = is_image.shape
     device = is_image.device
     # trunc(n x ratio) in float32, as the official code computes it.
     keep_vision = torch.trunc(vision_per_sample.to(torch.float32) * ratio).long()
     kept_per_sample = s - vision_per_sample + keep_vision
+    if padding is not None:
+        kept_per_sample = kept_per_sample - padding_per_sample
     length = math.ceil(int(kept_per_sample.max()) / multiple) * multiple
     keep_vision_dev = keep_vision.to(device, non_blocking=True)
     kept_per_sample_dev = kept_per_sample.to(device, non_blocking=True)
@@ -85,6 +96,8 @@ def select_kept_tokens(
     by_weight = torch.argsort(scores, dim=0, descending=True, stable=True)
     rank = torch.empty_like(by_weight).scatter_(0, by_weight, positions)
     kept = ~is_image | (rank < keep_vision_dev.unsqueeze(0))
+    if padding is not None:
+        kept &= ~padding
     # Kept positions first, each group in position order: a slot per kept token.
     by_slot = torch.argsort(torch.where(kept, positions, positions + s), dim=0)
     slot = torch.empty_like(by_slot).scatter_(0, by_slot, positions)
@@ -125,18 +138,14 @@ class MoDTransformerLayer(TransformerLayer):
 
     def forward(self, hidden_states: torch.Tensor, rotary_pos_emb=None, **kwargs: Any):
         info = self.micro_batch
+        cache = kwargs.get("inference_context")
+        if cache is not None and not self.training:
+            return self._forward_cached(hidden_states, cache, **kwargs)
         if info is None or info.token_is_image is None:
             return super().forward(hidden_states=hidden_states, rotary_pos_emb=rotary_pos_emb, **kwargs)
         sp = self.config.sequence_parallel
         x_full = gather_from_sequence_parallel_region(hidden_states) if sp else hidden_states
-        weights = self.weight_norm(self.mod_router(x_full))  # [s, b], fp32
-        is_image = info.token_is_image
-        kept = select_kept_tokens(
-            weights.detach(), is_image, info.vision_per_sample, self.ratio, self.kept_length_multiple
-        )
-        if self.stats is not None:
-            self.stats.record(self.layer_number - 1, kept.kept_vision,
-                              int(info.vision_per_sample.sum()), weights, is_image)
+        weights, kept = self._select(x_full, self.kept_length_multiple)
 
         # This rank's share of the kept slots (all of them without SP).
         index, valid = kept.index, kept.valid
@@ -147,25 +156,79 @@ class MoDTransformerLayer(TransformerLayer):
             index, valid = index.chunk(tp)[rank], valid.chunk(tp)[rank]
             s_local = hidden_states.shape[0]
             positions = slice(rank * s_local, (rank + 1) * s_local)
-        x_kept = _gather_seq(x_full, index)
         if rotary_pos_emb is not None:  # [s, 1, 1, d] -> each kept token's own: [K, b, 1, d]
             rotary_pos_emb = rotary_pos_emb[:, 0][kept.index]
+        y_kept, context = self._forward_kept(
+            x_full, weights, index, valid, rotary_pos_emb=rotary_pos_emb, **kwargs
+        )
+        if sp:
+            y_kept = gather_from_sequence_parallel_region(y_kept)
+        return self._merge(y_kept, kept.slot[positions], weights[positions], hidden_states), context
 
-        h, context = self._forward_attention(x_kept, rotary_pos_emb=rotary_pos_emb, **kwargs)
-        slot_is_image = _gather_seq(is_image, index) & valid
+    def _select(self, x_full: torch.Tensor, multiple: int, **padding: Any) -> tuple[torch.Tensor, KeptTokens]:
+        """Router weights [s, b] (fp32) and the kept tokens of the whole sequence."""
+        info = self.micro_batch
+        weights = self.weight_norm(self.mod_router(x_full))
+        kept = select_kept_tokens(
+            weights.detach(), info.token_is_image, info.vision_per_sample, self.ratio, multiple,
+            **padding,
+        )
+        if self.stats is not None:
+            self.stats.record(self.layer_number - 1, kept.kept_vision,
+                              int(info.vision_per_sample.sum()), weights, info.token_is_image)
+        return weights, kept
+
+    def _forward_kept(
+        self,
+        x_full: torch.Tensor,
+        weights: torch.Tensor,
+        index: torch.Tensor,
+        valid: torch.Tensor,
+        **attention_kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """The layer on the kept slots `index` [K, b] of x_full: STRing's outputs [K, b, h]."""
+        h, context = self._forward_attention(_gather_seq(x_full, index), **attention_kwargs)
+        slot_is_image = _gather_seq(self.micro_batch.token_is_image, index) & valid
         modality = slot_is_image.long().masked_fill(~valid, -1)  # MoE routers: padding not counted
-        with info.routing(modality.reshape(-1)):
+        with self.micro_batch.routing(modality.reshape(-1)):
             f, bias = self.mlp(self._forward_pre_mlp_layernorm(h))
         if bias is not None:
             f = f + bias
         slot_weight = torch.where(slot_is_image, _gather_seq(weights, index), 1.0)
-        y_kept = h + slot_weight.to(f.dtype).unsqueeze(-1) * f
+        return h + slot_weight.to(f.dtype).unsqueeze(-1) * f, context
 
-        # Back to the positions: kept tokens from y_kept, skipped vision tokens w * x.
-        if sp:
-            y_kept = gather_from_sequence_parallel_region(y_kept)
-        slot = kept.slot[positions]
+    @staticmethod
+    def _merge(
+        y_kept: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """Back to the positions: kept tokens from y_kept, skipped vision tokens w * x."""
         from_kept = _gather_seq(y_kept, slot.clamp(min=0))
-        skipped = weights[positions].to(hidden_states.dtype).unsqueeze(-1) * hidden_states
-        output = torch.where((slot >= 0).unsqueeze(-1), from_kept, skipped)
-        return output, context
+        skipped = weights.to(x.dtype).unsqueeze(-1) * x
+        return torch.where((slot >= 0).unsqueeze(-1), from_kept, skipped)
+
+    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any, **kwargs: Any):
+        """Inference with a KV cache (`megamod.inference.cache.KVCache`; TP=1, no SP).
+
+        Prefill (the layer has no cache yet): select the kept tokens as in training (no
+        padding to a multiple: the cache holds exactly the kept tokens, p-MoD section 3.4),
+        give this layer a cache of its own sized for them and the tokens still to come,
+        and run the kept tokens against it. Decode: the new tokens are text, which every
+        layer runs; they attend to this layer's cache, in its own slots and positions."""
+        for own in ("attention_mask", "rotary_pos_emb"):  # the dense layers' layout, not ours
+            kwargs.pop(own, None)
+        layout = cache.layouts.get(self.layer_number)
+        if layout is not None:
+            with cache.in_layout(layout, hidden_states.shape[0]) as (mask, rotary):
+                return super().forward(
+                    hidden_states=hidden_states, attention_mask=mask, rotary_pos_emb=rotary, **kwargs
+                )
+        weights, kept = self._select(hidden_states, multiple=1, padding=cache.prompt_padding,
+                                     padding_per_sample=cache.prompt_padding_per_sample)
+        layout = cache.add_layout(self.layer_number, self.self_attention, kept.index, kept.valid,
+                                  hidden_states.dtype)
+        with cache.in_layout(layout, kept.index.shape[0]) as (mask, rotary):
+            y_kept, context = self._forward_kept(
+                hidden_states, weights, kept.index, kept.valid,
+                attention_mask=mask, rotary_pos_emb=rotary, **kwargs
+            )
+        return self._merge(y_kept, kept.slot, weights, hidden_states), context

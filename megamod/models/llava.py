@@ -141,8 +141,7 @@ class LLaVA(MegatronModule):
     ) -> torch.Tensor:
         """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP]."""
         decoder_input = self.embed(tokens, images)
-        if self.routing_stats is not None or self.mod_stats is not None:
-            self._describe_micro_batch(tokens, loss_mask)
+        self.describe_micro_batch(tokens, loss_mask)
         if self.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         if labels is not None and loss_mask is not None:
@@ -156,9 +155,11 @@ class LLaVA(MegatronModule):
             labels=labels,
         )
 
-    def _describe_micro_batch(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
+    def describe_micro_batch(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
         """Tell the routers which of their tokens are image tokens and how many tokens of
         the micro-batch carry loss (for the aux-loss weight)."""
+        if self.routing_stats is None and self.mod_stats is None:
+            return  # a dense model: nothing reads it
         is_image = (tokens == self.image_token_id).transpose(0, 1)  # router order: [s, b]
         self.micro_batch.token_is_image = is_image
         if self.mod_stats is not None:  # the one host sync: MoD layers size buffers from it

@@ -1,0 +1,290 @@
+"""Generation: a prompt and its images in, new tokens out, with a KV cache that p-MoD's
+layers prune (`megamod.inference.cache`).
+
+`Generator.generate` prefills a batch of prompts (left-padded; p-MoD's official code
+handles batch 1 only), then decodes token by token: every MoD layer caches the keys and
+values of the tokens it kept at prefill, new tokens run every layer (they are text).
+`use_cache=False` is the reference: each step recomputes the whole sequence with the
+training forward, one sample at a time.
+
+`open_generator(CKPT_DIR)` rebuilds the model and tokenizer from what a checkpoint
+directory carries (its config) in a one-process world (TP=1); `megamod generate` is its
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from megamod.config import Config
+from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from megamod.errors import DataError, MegamodError
+from megamod.inference.cache import KVCache
+from megamod.models.llava import LLaVA
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per sample, the new tokens (up to and without its EOS)
+    cache_bytes: int  # keys and values cached (0 without the cache)
+    dense_cache_bytes: int  # what every layer caching every token would take
+    prompt_tokens: int  # prompt slots per sample (after left padding)
+
+
+class Generator:
+    """Generation from a LLaVA model in a one-process world (TP=1, no sequence parallelism)."""
+
+    def __init__(self, model: LLaVA, tokenizer: Tokenizer, config: Config) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config  # the model's: image size, conversation template
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        images: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        use_cache: bool = True,
+        seed: int = 0,
+    ) -> Generation:
+        """`prompts`: token ids per sample, each `<image>` run of placeholders already
+        expanded; `images`: [n, 3, H, W], the samples' images in order. Greedy at
+        temperature 0, else sampled from softmax(logits / temperature)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampler = torch.Generator(device=self.device).manual_seed(seed)
+        images = images.to(self.device, self.model.config.params_dtype)
+        if not use_cache:
+            return self._generate_uncached(prompts, images, max_new_tokens, temperature, sampler)
+        tokens, padding = self._left_pad(prompts)
+        s, b = tokens.shape[1], tokens.shape[0]
+        positions = (torch.arange(s, device=self.device) - padding.sum(1, keepdim=True)).clamp(min=0)
+        language = self.model.language_model
+        cache = KVCache(positions.t(), ~padding.t(), max_new_tokens,
+                        language.rotary_pos_emb(s + max_new_tokens))
+
+        logits = self._forward(self.model.embed(tokens, images), tokens, cache)
+        new = torch.empty(b, 0, dtype=torch.long, device=self.device)
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            next_token = self._sample(logits, temperature, sampler)
+            new = torch.cat([new, next_token.unsqueeze(1)], dim=1)
+            finished |= next_token == self.tokenizer.eos_id
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            step_tokens = next_token.unsqueeze(1)  # [b, 1]
+            embedded = language.embedding(input_ids=step_tokens, position_ids=None)
+            logits = self._forward(embedded, step_tokens, cache)
+        return Generation(
+            [self._until_eos(row) for row in new.tolist()],
+            cache.nbytes(),
+            cache.dense.positions.numel() * self._bytes_per_slot(),
+            s,
+        )
+
+    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, s] token ids with every prompt ending at the last slot, and the padding."""
+        length = max(len(p) for p in prompts)
+        tokens = torch.full((len(prompts), length), self.tokenizer.pad_id, dtype=torch.long)
+        padding = torch.ones(len(prompts), length, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            if len(prompt):
+                tokens[i, -len(prompt):] = torch.as_tensor(prompt)
+                padding[i, -len(prompt):] = False
+        return tokens.to(self.device), padding.to(self.device)
+
+    def _forward(self, embedded: torch.Tensor, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The decoder on `embedded` [n, b, h] (new tokens `tokens` [b, n]) against the
+        cache; logits [b, v] of the last position."""
+        self.model.describe_micro_batch(tokens, None)
+        language = self.model.language_model
+        with cache.in_layout(cache.dense, embedded.shape[0]) as (mask, rotary):
+            hidden = language.decoder(
+                hidden_states=embedded, attention_mask=mask, inference_context=cache,
+                rotary_pos_emb=rotary,
+            )
+        weight = None
+        if language.share_embeddings_and_output_weights:
+            weight = language.shared_embedding_or_output_weight()
+        logits, _ = language.output_layer(hidden[-1:], weight=weight)
+        return logits[0].float()
+
+    def _sample(self, logits: torch.Tensor, temperature: float, sampler: torch.Generator) -> torch.Tensor:
+        """[b, v] -> [b]; ids past the tokenizer's (the embedding's padding rows) never win."""
+        logits[:, self.tokenizer.vocab_size:] = float("-inf")
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=sampler).squeeze(1)
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        return ids[: ids.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in ids else ids
+
+    def _bytes_per_slot(self) -> int:
+        """Keys + values of one token in every decoder layer."""
+        config = self.model.language_model.config
+        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+        groups = config.num_query_groups or config.num_attention_heads
+        element = torch.finfo(config.params_dtype).bits // 8
+        return 2 * groups * head_dim * element * config.num_layers
+
+    def _generate_uncached(
+        self,
+        prompts: Sequence[Sequence[int]],
+        images: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        sampler: torch.Generator,
+    ) -> Generation:
+        """The reference: per sample, the training forward on the whole sequence per token."""
+        image_token, patches = self.model.image_token_id, self.model.num_patches
+        first_image, results = 0, []
+        for prompt in prompts:
+            count = sum(t == image_token for t in prompt) // patches
+            own = images[first_image : first_image + count]
+            first_image += count
+            sequence = torch.as_tensor(list(prompt), dtype=torch.long, device=self.device)
+            new: list[int] = []
+            for _ in range(max_new_tokens):
+                logits = self.model(sequence.unsqueeze(0), own)[:, -1].float()
+                next_token = self._sample(logits, temperature, sampler)
+                new.append(int(next_token))
+                if new[-1] == self.tokenizer.eos_id:
+                    break
+                sequence = torch.cat([sequence, next_token])
+            results.append(self._until_eos(new))
+        return Generation(results, 0, 0, max(len(p) for p in prompts))
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+@contextlib.contextmanager
+def open_generator(checkpoint_dir: str | Path) -> Iterator[Generator]:
+    """The model and tokenizer of the latest checkpoint in `checkpoint_dir` (a training
+    run's `checkpoint.save_dir`), built from the config saved with it, in a world of one."""
+    from megamod.config import CheckpointConfig, ParallelConfig
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.inspector import saved_config
+    from megamod.parallel import destroy_distributed, free_port, init_distributed
+    from megamod.training import checkpoint
+    from megamod.training.loop import build_model
+
+    saved = saved_config(Path(checkpoint_dir))
+    config = dataclasses.replace(
+        saved,
+        parallel=ParallelConfig(),  # one process: TP=1, EP=1 (a checkpoint loads at any)
+        checkpoint=CheckpointConfig(),
+        logging=dataclasses.replace(saved.logging, tensorboard_dir=None),
+    )
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    # A one-process job: its own free port, never one inherited from a launcher's env.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    init_distributed(config.parallel, config.train.seed)
+    try:
+        model = build_model(config, tokenizer)
+        checkpoint.load_model_weights(checkpoint_dir, model)
+        yield Generator(model, tokenizer, config)
+    finally:
+        destroy_distributed()
+
+
+def prompt_tokens(
+    generator: Generator, prompt: str, image_files: Sequence[str | Path]
+) -> tuple[list[int], torch.Tensor]:
+    """A user's prompt as the model was trained to read it: in the config's conversation
+    template, one `<image>` per image (put first, as LLaVA does, where the text has
+    none), and the images preprocessed as in training."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from megamod.data.conversation import encode_prompt
+    from megamod.data.preprocess import preprocess_image
+    config = generator.config
+    markers = prompt.count(IMAGE_TOKEN)
+    if markers == 0:
+        prompt = IMAGE_TOKEN * len(image_files) + "\n" + prompt if image_files else prompt
+    elif markers != len(image_files):
+        raise DataError(
+            f"--prompt holds {markers} {IMAGE_TOKEN} markers but {len(image_files)} --image "
+            f"files were given: give one --image per marker (or no marker)"
+        )
+    pixels = []
+    for path in image_files:
+        try:
+            with Image.open(path) as image:
+                pixels.append(preprocess_image(
+                    image, config.model.vision.image_size, config.data.image_aspect_ratio
+                ))
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"--image {path}: not a readable image ({e}): give a JPEG or PNG file") from None
+    size = config.model.vision.image_size
+    images = torch.from_numpy(np.stack(pixels)) if pixels else torch.empty(0, 3, size, size)
+    ids = encode_prompt([{"from": "human", "value": prompt}], config.data.conversation_template,
+                        generator.tokenizer, config.model.vision.num_patches)
+    return ids, images
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megamod generate",
+        description="Answer a prompt about images with a trained checkpoint (one process; "
+        "p-MoD layers cache only the tokens they keep).",
+    )
+    p.add_argument("--checkpoint", required=True, help="a training run's checkpoint.save_dir")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    p.add_argument("--prompt", required=True, help=f"the question; {IMAGE_TOKEN} marks where an image goes")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0, help="for sampling at temperature > 0")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise MegamodError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        raise MegamodError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise DataError(f"--image {path} does not exist: give an image file")
+    with open_generator(args.checkpoint) as generator:
+        ids, images = prompt_tokens(generator, args.prompt, args.image)
+        start = time.perf_counter()
+        result = generator.generate([ids], images, args.max_new_tokens, args.temperature, seed=args.seed)
+        seconds = time.perf_counter() - start
+    text = generator.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({
+            "text": text, "tokens": result.tokens[0], "prompt_tokens": result.prompt_tokens,
+            "kv_cache_bytes": result.cache_bytes, "kv_cache_bytes_dense": result.dense_cache_bytes,
+            "seconds": round(seconds, 3),
+        }))
+    else:
+        print(text)
+        print(
+            f"[{result.prompt_tokens} prompt + {len(result.tokens[0])} new tokens in {seconds:.2f} s; "
+            f"KV cache {result.cache_bytes / 2**20:.2f} MiB, "
+            f"{result.cache_bytes / max(result.dense_cache_bytes, 1):.1%} of every layer caching every token]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,177 @@
+"""Generation with the KV cache against independent references (a world of one, fp32).
+
+- Cached decoding of a batch (left-padded prompts with 0, 1 and 2 images) equals the
+  reference that recomputes each sample's whole sequence with the training forward at
+  every step: dense, p-MoD (PRD, random routers) and p-MoD + MoE.
+- p-MoD with ratio 1 on every layer and zero routers generates the dense model's tokens.
+- The cache as allocated holds exactly what `training/flops.kv_cache_bytes` counts.
+- `megamod generate` on a trained checkpoint: text out, bad input exits 2.
+
+Weights are drawn with a large spread so that the tiny model's greedy tokens differ from
+step to step (checked): equal token lists then mean equal argmaxes all along.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamod.config import load_config
+from megamod.data.tokenizer import load_tokenizer
+from tests.launcher import TINY_CONFIG, free_port, megamod_train, run, world_of_one
+
+QUIET = ["checkpoint.save_dir=null", "checkpoint.save_interval=null", "logging.tensorboard_dir=null"]
+PRD = ["mod.enabled=true"]  # the default schedule: 3 of the 4 tiny layers are MoD layers
+MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2"]
+ALL_LAYERS_RATIO_ONE = ["mod.enabled=true", "mod.schedule=fixed", "mod.ratio=1.0", "mod.layers=[0,1,2,3]"]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def world():
+    with world_of_one(QUIET):
+        yield
+
+
+def generator_for(overrides: list[str], state_dict: dict | None = None):
+    """A Generator on the tiny model; random weights (std 0.1) unless `state_dict`."""
+    from megamod.inference.generate import Generator
+    from megamod.training.loop import build_model
+
+    config = load_config(TINY_CONFIG, QUIET + overrides)
+    tokenizer = load_tokenizer("tiny")
+    model = build_model(config, tokenizer)
+    if state_dict is None:
+        draw = torch.Generator().manual_seed(0)
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 or ".mod_router." in name:
+                param.data.normal_(0.0, 0.1, generator=draw)
+    else:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        assert not unexpected and all(".mod_router." in k for k in missing)
+    return Generator(model, tokenizer, config)
+
+
+def batch(generator) -> tuple[list[list[int]], torch.Tensor]:
+    """Three prompts of different lengths: one image, two images, text only."""
+    image = generator.tokenizer.image_token_id
+    patches = generator.config.model.vision.num_patches
+    bos = generator.tokenizer.bos_id
+    prompts = [
+        [bos, 40, 41] + [image] * patches + [42, 43, 44, 45],
+        [bos] + [image] * patches + [46] + [image] * patches + [47, 48],
+        [bos, 49, 50, 51],
+    ]
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return prompts, images
+
+
+@pytest.mark.parametrize("overrides", [[], PRD, PRD + MOE], ids=["dense", "mod", "mod_moe"])
+def test_cached_generation_equals_recomputing_the_prefix(world, overrides):
+    generator = generator_for(overrides)
+    prompts, images = batch(generator)
+    cached = generator.generate(prompts, images, NEW_TOKENS)
+    reference = generator.generate(prompts, images, NEW_TOKENS, use_cache=False)
+    assert cached.tokens == reference.tokens
+    assert all(len(set(row)) >= 4 for row in cached.tokens), cached.tokens  # not one token over and over
+    mod_layers = len(generator.model.mod_layers())
+    assert mod_layers == (3 if overrides else 0)
+    if mod_layers:  # the MoD layers did cache less
+        assert cached.cache_bytes < cached.dense_cache_bytes
+    else:
+        assert cached.cache_bytes == cached.dense_cache_bytes
+
+
+def test_ratio_one_generates_the_dense_models_tokens(world):
+    dense = generator_for([])
+    mod = generator_for(ALL_LAYERS_RATIO_ONE, dense.model.state_dict())
+    assert len(mod.model.mod_layers()) == 4
+    prompts, images = batch(dense)
+    expected = dense.generate(prompts, images, NEW_TOKENS)
+    got = mod.generate(prompts, images, NEW_TOKENS)
+    assert got.tokens == expected.tokens
+    # Per sample, each layer caches the sample's own tokens: with batch padding left out,
+    # no more than the dense layers' slots.
+    assert got.cache_bytes <= expected.cache_bytes
+
+
+def test_cache_bytes_equal_the_accounting(world):
+    from megamod.training.flops import Sample, kv_cache_bytes
+
+    for overrides in ([], PRD, PRD + MOE):
+        generator = generator_for(overrides)
+        prompts, images = batch(generator)
+        first_image = 0
+        for prompt in prompts:
+            count = prompt.count(generator.tokenizer.image_token_id) // generator.config.model.vision.num_patches
+            result = generator.generate([prompt], images[first_image : first_image + count], NEW_TOKENS)
+            first_image += count
+            # Cached: the prompt and every new token but the last (never fed back).
+            sample = Sample(images=count, seq_length=len(prompt) + NEW_TOKENS - 1)
+            assert result.cache_bytes == kv_cache_bytes(generator.config, sample, bytes_per_value=4), (overrides, count)
+
+
+def test_sampling_follows_its_seed(world):
+    generator = generator_for(PRD)
+    prompts, images = batch(generator)
+    first = generator.generate(prompts, images, NEW_TOKENS, temperature=1.0, seed=3)
+    again = generator.generate(prompts, images, NEW_TOKENS, temperature=1.0, seed=3)
+    other = generator.generate(prompts, images, NEW_TOKENS, temperature=1.0, seed=4)
+    assert first.tokens == again.tokens != other.tokens
+    vocab = generator.tokenizer.vocab_size
+    assert all(0 <= t < vocab for row in first.tokens + other.tokens for t in row)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A p-MoD + MoE checkpoint of 2 tiny steps, and an image file."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("generate")
+    megamod_train(1, PRD + MOE + ["train.train_iters=2", "checkpoint.save_interval=null",
+                                  "logging.tensorboard_dir=null", f"checkpoint.save_dir={root}/ckpt"],
+                  cwd=root)
+    Image.fromarray(np.asarray(skimage.data.astronaut())).save(root / "astronaut.png")
+    return root
+
+
+def generate(*args: object, cwd: Path):
+    return run([sys.executable, "-m", "megamod", "generate", *map(str, args)], cwd=cwd,
+               extra_env={"MASTER_PORT": str(free_port())})
+
+
+def test_generate_command(trained):
+    result = generate("--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt",
+                      "What is in the picture?", "--max-new-tokens", 5, "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert 1 <= len(answer["tokens"]) <= 5 and isinstance(answer["text"], str)
+    # vicuna_v1 prompt: system text, USER: <16 image tokens> question ASSISTANT:
+    assert answer["prompt_tokens"] > 16
+    assert 0 < answer["kv_cache_bytes"] < answer["kv_cache_bytes_dense"]
+
+    plain = generate("--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt", "Describe it.",
+                     "--max-new-tokens", 3, cwd=trained)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "KV cache" in plain.stderr and "prompt" in plain.stderr
+
+    bad = [
+        (["--image", "missing.png", "--prompt", "x"], "missing.png"),
+        (["--image", "ckpt/latest_checkpointed_iteration.txt", "--prompt", "x"], "not a readable image"),
+        (["--image", "astronaut.png", "--prompt", "<image> and <image>?"], "--image"),
+        (["--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ]
+    for args, word in bad:
+        result = generate("--checkpoint", "ckpt", *args, cwd=trained)
+        assert result.returncode == 2 and word in result.stderr, (args, result.stderr[-2000:])
+    missing = generate("--checkpoint", "nowhere", "--prompt", "x", cwd=trained)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
