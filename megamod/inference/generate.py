@@ -60,10 +60,12 @@ class Generator:
         temperature: float = 0.0,
         use_cache: bool = True,
         seed: int = 0,
+        stop_at_eos: bool = True,
     ) -> Generation:
         """`prompts`: token ids per sample, each `<image>` run of placeholders already
         expanded; `images`: [n, 3, H, W], the samples' images in order. Greedy at
-        temperature 0, else sampled from softmax(logits / temperature)."""
+        temperature 0, else sampled from softmax(logits / temperature). Without
+        `stop_at_eos` every sample runs `max_new_tokens` steps (benchmarks)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampler = torch.Generator(device=self.device).manual_seed(seed)
@@ -84,13 +86,13 @@ class Generator:
             next_token = self._sample(logits, temperature, sampler)
             new = torch.cat([new, next_token.unsqueeze(1)], dim=1)
             finished |= next_token == self.tokenizer.eos_id
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == max_new_tokens - 1 or (stop_at_eos and bool(finished.all())):
                 break
             step_tokens = next_token.unsqueeze(1)  # [b, 1]
             embedded = language.embedding(input_ids=step_tokens, position_ids=None)
             logits = self._forward(embedded, step_tokens, cache)
         return Generation(
-            [self._until_eos(row) for row in new.tolist()],
+            [self._until_eos(row) if stop_at_eos else row for row in new.tolist()],
             cache.nbytes(),
             cache.dense.positions.numel() * self._bytes_per_slot(),
             s,
