@@ -72,6 +72,12 @@ class Generator:
         images = images.to(self.device, self.model.config.params_dtype)
         if not use_cache:
             return self._generate_uncached(prompts, images, max_new_tokens, temperature, sampler)
+        if len(prompts) > 1 and self._attention_ignores_masks():
+            raise MegamodError(
+                "batched generation masks each sample's padding, which transformer-engine's "
+                "attention ignores (megatron-core asks it for 'causal' or 'no_mask'): generate "
+                "one prompt at a time"
+            )
         tokens, padding = self._left_pad(prompts)
         s, b = tokens.shape[1], tokens.shape[0]
         positions = (torch.arange(s, device=self.device) - padding.sum(1, keepdim=True)).clamp(min=0)
@@ -97,6 +103,11 @@ class Generator:
             cache.dense.positions.numel() * self._bytes_per_slot(),
             s,
         )
+
+    def _attention_ignores_masks(self) -> bool:
+        """transformer-engine's core attention: it applies its mask type, not our masks
+        (with one prompt there is no padding, and causal / no mask is exactly right)."""
+        return any(type(m).__name__ == "TEDotProductAttention" for m in self.model.modules())
 
     def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """[b, s] token ids with every prompt ending at the last slot, and the padding."""
