@@ -374,23 +374,113 @@ class TrainConfig:
 
 @dataclass
 class PrecisionConfig:
-    # Parameters and activations; optimizer main params stay fp32 in bf16/fp16.
+    """Numeric formats (megamod.training.precision maps them onto megatron-core). Names are
+    Megatron-LM's flags (`--fp8-format` is `fp8`)."""
+
+    # Parameters and activations; optimizer main params and gradient reduction stay fp32.
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp16 loss scaling. `loss_scale`: a static scale; null: dynamic, starting at
+    # initial_loss_scale, halved after `hysteresis` overflowing steps (never below
+    # min_loss_scale), doubled after loss_scale_window steps without one.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    # FP8 GEMMs in the decoder's transformer-engine layers (needs transformer-engine and a
+    # Hopper or newer GPU); null: off. e4m3 everywhere, or hybrid (e5m2 gradients). The
+    # rest runs in params_dtype (bf16 is the usual partner).
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    # How FP8 scales are found: delayed (amax history), tensorwise (current scaling),
+    # blockwise, mxfp8 (Blackwell).
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "precision", ("loss_scale_window", "hysteresis",
+                                              "fp8_amax_history_len"))
+        for name in ("initial_loss_scale", "min_loss_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"precision.{name}={getattr(self, name)} must be > 0")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ConfigError(
+                f"precision.min_loss_scale={self.min_loss_scale} is above "
+                f"precision.initial_loss_scale={self.initial_loss_scale}: lower it"
+            )
+        if self.loss_scale is not None:
+            if not self.loss_scale > 0:
+                raise ConfigError(
+                    f"precision.loss_scale={self.loss_scale} must be > 0 (null = dynamic)"
+                )
+            if self.params_dtype != "fp16":
+                raise ConfigError(
+                    f"precision.loss_scale is set but precision.params_dtype={self.params_dtype}: "
+                    f"loss scaling is for fp16 only; remove loss_scale"
+                )
 
 
 @dataclass
 class StabilityConfig:
+    """What a run does about bad steps (megamod.training.stability)."""
+
     # A non-finite loss or gradient on any rank: "skip" the update on every rank (no
     # parameter, optimizer-state or LR-schedule change; counted in train/skipped_steps), or
-    # "stop" the run (Megatron-LM's --check-for-nan-in-loss-and-grad).
+    # "stop" the run (Megatron-LM's --check-for-nan-in-loss-and-grad). An fp16 overflow
+    # that the dynamic loss scale can still absorb is neither (train/overflow_steps).
     on_nonfinite: Literal["skip", "stop"] = "skip"
-    # Fault injection for tests: poison the gradient of these iterations on the last rank.
+    # A loss or gradient norm more than spike_zscore standard deviations above the mean
+    # of the last spike_window applied steps is a spike (train/spikes): "skip" its update
+    # like a non-finite one, or only "log" it. null: no spike check.
+    spike_zscore: Optional[float] = None
+    spike_window: int = 100
+    on_spike: Literal["skip", "log"] = "skip"
+    # After this many skipped steps in a row, reload the last good checkpoint (null: never).
+    max_consecutive_skips: Optional[int] = 10
+    # ... and skip this many steps' batches from its data position on (PaLM's remedy for
+    # spikes); null: the batches since the checkpoint, up to the last skipped step.
+    skip_batches_on_rollback: Optional[int] = None
+    # Past this many rollbacks the run stops with an error; the last good checkpoint stays.
+    max_rollbacks: int = 3
+    # Fault injection for tests, each once per run: poison the gradient of these iterations
+    # with a NaN, or scale it by 1e6 (a gradient-norm spike), on the last rank.
     inject_nan_at: Optional[int | list[int]] = None
+    inject_spike_at: Optional[int | list[int]] = None
+
+    def __post_init__(self) -> None:
+        if self.spike_zscore is not None and not self.spike_zscore > 0:
+            raise ConfigError(
+                f"stability.spike_zscore={self.spike_zscore} must be > 0 (null = off)"
+            )
+        if self.spike_window < 2:
+            raise ConfigError(
+                f"stability.spike_window={self.spike_window} must be >= 2 (a standard "
+                f"deviation needs two steps)"
+            )
+        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 1:
+            raise ConfigError(
+                f"stability.max_consecutive_skips={self.max_consecutive_skips} must be >= 1 "
+                f"(null = never roll back)"
+            )
+        if self.skip_batches_on_rollback is not None and self.skip_batches_on_rollback < 0:
+            raise ConfigError(
+                f"stability.skip_batches_on_rollback={self.skip_batches_on_rollback} must be "
+                f">= 0 (null = the batches since the checkpoint)"
+            )
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"stability.max_rollbacks={self.max_rollbacks} must be >= 0")
 
     def nan_iterations(self) -> set[int]:
-        if self.inject_nan_at is None:
-            return set()
-        return set(self.inject_nan_at if isinstance(self.inject_nan_at, list) else [self.inject_nan_at])
+        return _iterations(self.inject_nan_at)
+
+    def spike_iterations(self) -> set[int]:
+        return _iterations(self.inject_spike_at)
+
+
+def _iterations(value: Optional[int | list[int]]) -> set[int]:
+    if value is None:
+        return set()
+    return set(value if isinstance(value, list) else [value])
 
 
 @dataclass

@@ -14,7 +14,8 @@ Three mechanisms, each the narrowest that works:
    listed in `_CUDA_LITERAL_MODULES` (each with the upstream spot it answers).
 3. Single upstream functions or classes that cannot be redirected are replaced (RNG
    tracker state get/set, the torch norm wrapper under sequence parallelism, the MoE
-   router's TE gemm name and the alltoall dispatcher's split sizes).
+   router's TE gemm name and the alltoall dispatcher's split sizes) or wrapped (the
+   mixed-precision optimizer's parameter sorting, which names CUDA tensor types).
 
 Every patch here is exercised by tests/test_cpu_compat.py or the distributed tests.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -121,6 +122,9 @@ _CUDA_LITERAL_MODULES = {
     "megatron.core.pipeline_parallel.schedules": "total_num_tokens",
     # MegatronOptimizer / FP32Optimizer: `found_inf`, `_scale_one`, `_dummy_overflow_buf`.
     "megatron.core.optimizer.optimizer": "found_inf",
+    # fp16 loss scaling: MegatronGradScaler's `_scale`, DynamicGradScaler's `min_scale`,
+    # `growth_factor`, `backoff_factor`.
+    "megatron.core.optimizer.grad_scaler": "backoff_factor",
     # get_grad_norm_fp32 / count_zeros_fp32: `total_norm_cuda`, `dummy_overflow_buf`.
     "megatron.core.optimizer.clip_grads": "total_norm_cuda",
     # _ParamAndGradBuffer: `torch.zeros([1], device="cuda")` warm-up tensor.
@@ -200,6 +204,44 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+@contextlib.contextmanager
+def _parameters_report_cuda_types() -> Iterator[None]:
+    """Inside the block, `param.type()` of a CPU `nn.Parameter` names the CUDA type of its
+    dtype ('torch.BFloat16Tensor' -> 'torch.cuda.BFloat16Tensor'); `type(dtype)` casts
+    and GPU parameters are untouched."""
+
+    def cuda_type_name(self: torch.Tensor, dtype: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if dtype is not None or args or kwargs:
+            return torch.Tensor.type(self, dtype, *args, **kwargs)
+        name = torch.Tensor.type(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+
+    torch.nn.Parameter.type = cuda_type_name
+    try:
+        yield
+    finally:
+        del torch.nn.Parameter.type  # back to torch.Tensor.type
+
+
+def _patch_float16_optimizer() -> None:
+    """Mechanism 3e: optimizer/optimizer.py `Float16OptimizerWithFloat16Params.__init__`
+    (~lines 671 and 690; bf16/fp16 training's optimizer) sorts the parameters into fp32
+    main copies by `param.type()` in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']
+    or == 'torch.cuda.FloatTensor', and raises TypeError for anything else: every CPU
+    parameter. While it runs, CPU parameters report the CUDA name of their dtype, so they
+    are sorted as on a GPU; the rest of the class is upstream's. (The distributed
+    optimizer, distrib_optimizer.py ~361/420, sorts the same way; it stays GPU-only.)"""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    original_init = Float16OptimizerWithFloat16Params.__init__
+
+    def init_accepting_cpu_params(self: Any, *args: Any, **kwargs: Any) -> None:
+        with _parameters_report_cuda_types():
+            original_init(self, *args, **kwargs)
+
+    Float16OptimizerWithFloat16Params.__init__ = init_accepting_cpu_params
+
+
 def _patch_moe() -> None:
     """Mechanism 3d: megatron-core's MoE on CPU (local experts, no TE).
 
@@ -235,5 +277,6 @@ def apply() -> None:
     _patch_rng_tracker()
     _patch_torch_norm()
     _patch_clip_grads()
+    _patch_float16_optimizer()
     _patch_moe()
     _applied = True

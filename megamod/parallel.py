@@ -24,6 +24,7 @@ import torch
 
 from megamod.config import Config, ParallelConfig
 from megamod.errors import ConfigError
+from megamod.training.precision import check_fp8_supported
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,9 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
 def check_device_support(config: Config) -> None:
     """Refuse, naming the key, what this machine's devices cannot run."""
     on_gpu = torch.cuda.is_available()
-    dtype = config.precision.params_dtype
-    if dtype != "fp32" and not on_gpu:
-        raise ConfigError(
-            f"precision.params_dtype={dtype} needs a GPU (megatron-core's mixed-precision "
-            f"optimizer is CUDA-only): use precision.params_dtype=fp32 on CPU"
-        )
+    # bf16 and fp16 run everywhere (torch computes both on CPU; megamod.cpu_compat lets
+    # megatron-core's mixed-precision optimizer take CPU tensors); fp8 needs TE and Hopper.
+    check_fp8_supported(config.precision)
     if config.parallel.use_distributed_optimizer and not on_gpu:
         # distrib_optimizer.py only accepts torch.cuda.*Tensor params.
         raise ConfigError(

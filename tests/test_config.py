@@ -82,6 +82,28 @@ def test_defaults_are_llava_shapes():
         (["mod.enabled=true", "parallel.tensor_model_parallel_size=2",
           "parallel.sequence_parallel=true", "mod.kept_length_multiple=3"],
          ["mod.kept_length_multiple", "tensor_model_parallel_size=2"]),
+        # precision
+        (["precision.params_dtype=fp8"], ["precision.params_dtype", "bf16"]),
+        (["precision.min_loss_scale=0"], ["precision.min_loss_scale", "> 0"]),
+        (["precision.initial_loss_scale=4", "precision.min_loss_scale=8"],
+         ["precision.min_loss_scale=8", "precision.initial_loss_scale=4"]),
+        (["precision.hysteresis=0"], ["precision.hysteresis", ">= 1"]),
+        (["precision.loss_scale_window=0"], ["precision.loss_scale_window", ">= 1"]),
+        (["precision.loss_scale=128"], ["precision.loss_scale", "fp16"]),
+        (["precision.params_dtype=fp16", "precision.loss_scale=-1"], ["precision.loss_scale", "> 0"]),
+        (["precision.fp8=e5m2"], ["precision.fp8", "hybrid"]),
+        (["precision.fp8_recipe=custom"], ["precision.fp8_recipe", "delayed"]),
+        (["precision.fp8_amax_compute_algo=mean"], ["precision.fp8_amax_compute_algo", "most_recent"]),
+        (["precision.fp8_amax_history_len=0"], ["precision.fp8_amax_history_len", ">= 1"]),
+        # stability
+        (["stability.on_nonfinite=ignore"], ["stability.on_nonfinite", "skip"]),
+        (["stability.spike_zscore=0"], ["stability.spike_zscore", "> 0"]),
+        (["stability.spike_window=1"], ["stability.spike_window", ">= 2"]),
+        (["stability.on_spike=stop"], ["stability.on_spike", "log"]),
+        (["stability.max_consecutive_skips=0"], ["stability.max_consecutive_skips", "null"]),
+        (["stability.skip_batches_on_rollback=-1"], ["stability.skip_batches_on_rollback", ">= 0"]),
+        (["stability.max_rollbacks=-1"], ["stability.max_rollbacks", ">= 0"]),
+        (["stability.inject_nan_at=[1,x]"], ["stability.inject_nan_at[1]", "int"]),
     ],
 )
 def test_bad_config_names_the_key(overrides, names):

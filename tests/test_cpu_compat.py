@@ -97,3 +97,38 @@ def test_clip_grads_scales_cpu_grads():
         torch.testing.assert_close(p.grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
     clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=10.0, total_norm=4.0)
     torch.testing.assert_close(params[0].grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
+
+
+def test_mixed_precision_optimizer_takes_cpu_bf16_and_fp16_params():
+    """Float16OptimizerWithFloat16Params sorts by CUDA type names: CPU params get fp32
+    main copies as on a GPU, and `param.type()` is plain again afterwards."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    bf16 = torch.nn.Parameter(torch.randn(3).bfloat16())
+    fp16 = torch.nn.Parameter(torch.randn(4).half())
+    fp32 = torch.nn.Parameter(torch.randn(2))
+    optimizer = Float16OptimizerWithFloat16Params(
+        torch.optim.Adam([bf16, fp16, fp32]), OptimizerConfig(bf16=True), None, lambda *a, **k: None
+    )
+    assert optimizer.float16_groups == [[bf16, fp16]]
+    assert optimizer.fp32_from_fp32_groups == [[fp32]]
+    for param in (bf16, fp16):
+        assert param.main_param.dtype == torch.float32
+        assert torch.equal(param.main_param, param.float())
+    assert (bf16.type(), fp16.type(), fp32.type()) == (
+        "torch.BFloat16Tensor", "torch.HalfTensor", "torch.FloatTensor")
+    assert fp16.type(torch.float32).dtype == torch.float32
+
+
+def test_dynamic_loss_scale_lives_on_cpu():
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    scaler = DynamicGradScaler(initial_scale=8.0, min_scale=2.0, growth_factor=2.0,
+                               backoff_factor=0.5, growth_interval=2, hysteresis=2)
+    assert scaler.scale.device.type == "cpu"
+    scaler.update(True)  # hysteresis: the first overflow leaves the scale
+    assert scaler.scale.item() == 8.0
+    for expected in (4.0, 2.0, 2.0):  # then halves, down to min_scale
+        scaler.update(True)
+        assert scaler.scale.item() == expected

@@ -11,8 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamod.config import Config
 from megamod.models.specs import transformer_engine_available
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megamod.training.precision import dtype_fields, fp8_fields
 
 
 @dataclass
@@ -23,15 +22,12 @@ class TransformerConfigs:
 
 
 def _common(config: Config) -> dict:
-    parallel, dtype_name = config.parallel, config.precision.params_dtype
+    parallel = config.parallel
     on_gpu = torch.cuda.is_available()
     return dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        params_dtype=DTYPES[dtype_name],
-        pipeline_dtype=DTYPES[dtype_name],
-        bf16=dtype_name == "bf16",
-        fp16=dtype_name == "fp16",
+        **dtype_fields(config.precision),
         init_method_std=config.model.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -122,5 +118,7 @@ def transformer_configs(config: Config) -> TransformerConfigs:
         sequence_parallel=config.parallel.sequence_parallel,
         **common,
         **_moe(config),
+        # FP8 GEMMs in the decoder's layers only (megamod.training.precision).
+        **fp8_fields(config),
     )
     return TransformerConfigs(vision=vision, projector=projector, language=language)

@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
-from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megamod.config import CheckpointConfig, Config, build_dataclass
@@ -45,6 +46,11 @@ logger = logging.getLogger("megamod")
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 LOCK_FILE = "megamod.lock"
+# What dist_checkpointing writes into each iteration folder besides the `.distcp` shards:
+# its format (serialization.py), the common (non-sharded) state, torch's shard index.
+_DIST_CONFIG_FILE = "metadata.json"
+_COMMON_FILE = "common.pt"
+_INDEX_FILE = ".metadata"
 # With expert parallelism megatron-core chains two optimizers (dense and expert params)
 # and by default prefixes their state keys `chained_<i>.`, so an EP>1 checkpoint's
 # optimizer state would not load at EP=1 (one optimizer). Keys without the prefix are
@@ -198,14 +204,57 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_intact(ckpt_dir: Path) -> None:
+    """Raise CheckpointError naming the file when `ckpt_dir` is incomplete: a file that
+    dist_checkpointing writes is missing or unreadable, or a `.distcp` shard is shorter
+    than its index (`.metadata`) says (an interrupted copy, a full disk). Reads only the
+    small files and the shards' sizes."""
+    fix = (
+        f"copy it again from where it came from, or point {ckpt_dir.parent / TRACKER_FILE} "
+        f"at an earlier iter_* folder"
+    )
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {ckpt_dir} is damaged: {what}: {fix}")
+
+    for name in (_DIST_CONFIG_FILE, _COMMON_FILE, _INDEX_FILE):
+        if not (ckpt_dir / name).is_file():
+            raise damaged(f"{name} is missing")
+    try:
+        json.loads((ckpt_dir / _DIST_CONFIG_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged(f"{_DIST_CONFIG_FILE} is not valid JSON") from None
+    try:
+        index = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as e:  # any unpickling failure of a truncated or garbled file
+        raise damaged(f"{_INDEX_FILE} cannot be read ({type(e).__name__})") from None
+    ends: dict[str, int] = {}
+    for item in index.storage_data.values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in sorted(ends.items()):
+        shard = ckpt_dir / name
+        if not shard.is_file():
+            raise damaged(f"{name} is missing")
+        size = shard.stat().st_size
+        if size < end:
+            raise damaged(f"{name} is truncated ({size} bytes, its index needs {end})")
+
+
 def _load(sharded: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
-    """dist_checkpointing.load, with a mismatch reported as the user's to fix."""
+    """dist_checkpointing.load of a checked (`check_intact`) folder, with a mismatch
+    reported as the user's to fix."""
     try:
         return dist_checkpointing.load(sharded, str(ckpt_dir))
     except (CheckpointingException, CheckpointException) as e:
         # torch's reader wraps each rank's failure, (exception, traceback), in `failures`.
         failures = getattr(e, "failures", None)
         cause = next(iter(failures.values()))[0] if failures else e
+        if isinstance(cause, (EOFError, OSError, pickle.UnpicklingError)):
+            # Unreadable bytes inside files of the right size: nothing in the model to change.
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} is damaged: reading it failed "
+                f"({type(cause).__name__}: {cause}): copy it again, or load an earlier iteration"
+            ) from None
         raise CheckpointError(
             f"checkpoint {ckpt_dir} cannot be loaded into this model: {cause}. If model.* "
             f"changed, use the settings it was saved with"
@@ -216,6 +265,7 @@ def saved_config(load_dir: str | Path) -> Config | None:
     """The config the latest checkpoint of `load_dir` was written with (None if it
     predates the field)."""
     ckpt_dir = iteration_dir(load_dir, read_latest_iteration(load_dir))
+    check_intact(ckpt_dir)
     raw = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("config")
     return None if raw is None else build_dataclass(Config, raw, prefix="")
 
@@ -274,6 +324,7 @@ def load_model_weights(load_dir: str | Path, model: torch.nn.Module) -> int:
     """Load only the model (`checkpoint.finetune`); any TP size. Returns the iteration."""
     iteration = read_latest_iteration(load_dir)
     ckpt_dir = iteration_dir(load_dir, iteration)
+    check_intact(ckpt_dir)
     state = _load({"model": _present(model_sharded_state_dict(model), ckpt_dir)}, ckpt_dir)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     assert not unexpected and all(".mod_router." in name for name in missing), (missing, unexpected)
@@ -286,6 +337,7 @@ def load_checkpoint(
     """Resume everything; returns (iteration, data state). Collective."""
     iteration = read_latest_iteration(load_dir)
     ckpt_dir = iteration_dir(load_dir, iteration)
+    check_intact(ckpt_dir)
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     if "scheduler" not in common:
         raise CheckpointError(

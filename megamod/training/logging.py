@@ -64,16 +64,21 @@ class MetricsLogger:
         self, tensorboard_dir: str | None, log_interval: int, start_iteration: int = 0
     ) -> None:
         self.log_interval = log_interval
+        self.tensorboard_dir = tensorboard_dir if is_rank_zero() else None
         self.writer = None
         self._sums: dict[str, float] = {}
         self._steps = 0
-        if tensorboard_dir is not None and is_rank_zero():
-            from torch.utils.tensorboard import SummaryWriter
+        self._open_writer(start_iteration)
 
-            # A resumed run hides what an earlier run of this directory logged after the
-            # checkpoint it resumes from (steps it is about to log again): TensorBoard
-            # readers drop events at or past purge_step written before this writer's.
-            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_iteration + 1)
+    def _open_writer(self, start_iteration: int) -> None:
+        if self.tensorboard_dir is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A resumed run hides what an earlier run of this directory logged after the
+        # checkpoint it resumes from (steps it is about to log again): TensorBoard
+        # readers drop events at or past purge_step written before this writer's.
+        self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=start_iteration + 1)
 
     # Per-layer / per-expert tags go to TensorBoard only; the console line stays readable.
     TENSORBOARD_ONLY = re.compile(r"/layer\d+")
@@ -107,6 +112,13 @@ class MetricsLogger:
             self.writer.flush()
         console = {k: v for k, v in scalars.items() if not self.TENSORBOARD_ONLY.search(k)}
         logger.info(json.dumps({"iteration": iteration, **_rounded(console)}))
+
+    def rewind(self, iteration: int) -> None:
+        """The run went back to `iteration` (a stability rollback): as on a resume,
+        TensorBoard hides what was logged after it, and the interval starts afresh."""
+        self._sums, self._steps = {}, 0
+        self.close()
+        self._open_writer(iteration)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,5 +1,5 @@
-"""The training loop: get batch -> forward/backward -> optimizer step -> log -> checkpoint
--> stop if asked.
+"""The training loop: get batch -> forward/backward -> optimizer step -> log -> roll back if
+the stability guard asks -> checkpoint -> stop if asked.
 
 `train(config, preemption)` runs one job start to end on every rank, holding the
 save_dir lock. Forward/backward over the micro-batches of a step is megatron-core's
@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -32,9 +32,10 @@ from megamod.parallel import check_device_support, dist_env_from
 from megamod.training import checkpoint
 from megamod.training.flops import StepFlops
 from megamod.training.logging import MetricsLogger
-from megamod.training.optimizer import build_optimizer, build_scheduler, wrap_model
+from megamod.training.optimizer import apply_update, build_optimizer, build_scheduler, wrap_model
+from megamod.training.precision import loss_scaler
 from megamod.training.preemption import PreemptionWatcher
-from megamod.training.stability import NonFiniteGuard
+from megamod.training.stability import StabilityGuard
 
 logger = logging.getLogger("megamod")
 
@@ -48,8 +49,11 @@ class TrainState:
     optimizer: Any
     scheduler: Any
     loader: TrainLoader
-    guard: NonFiniteGuard
+    guard: StabilityGuard
     iteration: int = 0
+    # The save_dir whose latest checkpoint this run saved or resumed from: where a
+    # rollback goes (None: nowhere yet).
+    last_checkpoint: Optional[str] = None
 
 
 def build_model(config: Config, tokenizer: Tokenizer) -> LLaVA:
@@ -153,7 +157,8 @@ def setup(config: Config) -> TrainState:
     optimizer = build_optimizer(config, ddp_model)
     scheduler = build_scheduler(config, optimizer)
     loader = build_loader(config, tokenizer)
-    state = TrainState(config, ddp_model, optimizer, scheduler, loader, NonFiniteGuard(config.stability))
+    guard = StabilityGuard(config.stability, loss_scaler(config, optimizer))
+    state = TrainState(config, ddp_model, optimizer, scheduler, loader, guard)
     load_dir, finetune = checkpoint.start_from(config.checkpoint)
     if load_dir is not None:
         checkpoint.check_moe_layout(load_dir, config)
@@ -165,10 +170,13 @@ def setup(config: Config) -> TrainState:
             load_dir, model, optimizer, scheduler
         )
         loader.load_state_dict(data_state)
+        state.last_checkpoint = load_dir
         logger.info(f"resumed from {load_dir} at iteration {state.iteration}")
-    # The schedule calls these at the right moments of every step.
+    # The schedule calls these at the right moments of every step (the loss scale: fp16's,
+    # 1 otherwise).
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp_model.no_sync
+    model.config.grad_scale_func = optimizer.scale_loss
     return state
 
 
@@ -213,22 +221,32 @@ def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tens
 
 
 def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches; returns the step's metrics."""
+    """One optimizer step over this rank's micro-batches; returns the step's metrics.
+
+    megatron-core's `optimizer.step()` in its halves, the stability guard between them: a
+    skipped step changes no parameter, optimizer state or LR (no schedule step: the next
+    step retries with the same LR)."""
+    iteration, guard, optimizer = state.iteration + 1, state.guard, state.optimizer
     totals = forward_backward(state, micro_batches)
-    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    state.guard.inject(state.iteration + 1, state.model)
-    if state.guard.should_skip(state.iteration + 1, totals, state.model):
-        # No optimizer step and no schedule step: the next step retries with the same LR.
-        return {"train/loss": loss, "train/grad_norm": float("nan"), "train/lr": lr}
-    update_successful, grad_norm, _ = state.optimizer.step()
-    if update_successful:
-        state.scheduler.step(increment=1)
-    return {
-        "train/loss": loss,
-        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "train/lr": lr,
+    metrics = {
+        "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+        "train/grad_norm": float("nan"),
+        "train/lr": optimizer.param_groups[0]["lr"],  # the rate this step uses
     }
+    guard.inject(iteration, state.model)
+    if guard.skip_nonfinite(iteration, totals, state.model):
+        return metrics
+    # Copies gradients to the fp32 main params; fp16: unscales them, and grows the loss
+    # scale after loss_scale_window clean steps. An overflow was the guard's to see first.
+    overflow = optimizer.prepare_grads()
+    assert not overflow, "overflow after the guard found every gradient finite"
+    grad_norm = float(optimizer.get_grad_norm())
+    metrics["train/grad_norm"] = grad_norm
+    if guard.skip_spike(iteration, metrics["train/loss"], grad_norm):
+        return metrics
+    apply_update(optimizer, grad_norm)
+    state.scheduler.step(increment=1)
+    return metrics
 
 
 def describe_run(state: TrainState) -> dict[str, Any]:
@@ -243,6 +261,7 @@ def describe_run(state: TrainState) -> dict[str, Any]:
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "start_iteration": state.iteration,
+        "params_dtype": config.precision.params_dtype,
         "train_iters": config.train.train_iters,
         "checkpoints": config.checkpoint.save_dir,
         "tensorboard": config.logging.tensorboard_dir,
@@ -273,11 +292,39 @@ def already_trained(config: Config) -> bool:
 
 
 def save(state: TrainState) -> None:
+    save_dir = state.config.checkpoint.save_dir
     path = checkpoint.save_checkpoint(
-        state.config.checkpoint.save_dir, state.iteration, unwrap_model(state.model),
+        save_dir, state.iteration, unwrap_model(state.model),
         state.optimizer, state.scheduler, state.loader.state_dict(), state.config,
     )
+    state.last_checkpoint = save_dir
     logger.info(f"saved checkpoint {path}")
+
+
+def rollback(state: TrainState, metrics: MetricsLogger) -> None:
+    """After too many skipped steps in a row: back to the last good checkpoint (model,
+    optimizer, schedule, RNG), with the data moved past the batches that led here (PaLM's
+    remedy for loss spikes). Raises TrainingUnstableError when `stability.max_rollbacks`
+    are used up or there is no checkpoint; the checkpoint itself is never touched."""
+    failed_at, failed_position = state.iteration, state.loader.consumed_samples
+    state.guard.start_rollback(failed_at, state.last_checkpoint)
+    # A fresh schedule, as a resumed run has: loading steps a schedule forward by the
+    # checkpoint's step count (megatron-core's OptimizerParamScheduler.load_state_dict).
+    state.scheduler = build_scheduler(state.config, state.optimizer)
+    state.iteration, data_state = checkpoint.load_checkpoint(
+        state.last_checkpoint, unwrap_model(state.model), state.optimizer, state.scheduler
+    )
+    position = state.guard.rollback_data_position(
+        data_state["consumed_samples"], failed_position, state.config.train.global_batch_size
+    )
+    state.loader.load_state_dict({**data_state, "consumed_samples": position})
+    metrics.rewind(state.iteration)
+    skipped = (position - data_state["consumed_samples"]) // state.config.train.global_batch_size
+    logger.warning(
+        f"iteration {failed_at}: rolled back to iteration {state.iteration} "
+        f"({state.last_checkpoint}), rollback {state.guard.rollbacks} of at most "
+        f"{state.config.stability.max_rollbacks}; the data skips {skipped} steps' batches"
+    )
 
 
 def train(config: Config, preemption: PreemptionWatcher | None) -> TrainResult:
@@ -318,7 +365,7 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
             "train/step_time": step_time,
             "train/tokens_per_sec": tokens_per_step / step_time,
             **dp_metrics(state.loader, step_time, flops),
-            "train/skipped_steps": float(state.guard.skipped),
+            **state.guard.scalars(),
         }
         if torch.cuda.is_available():
             scalars["train/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -332,6 +379,9 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
         if llava.mod_stats is not None and metrics.is_log_step(state.iteration, last):
             scalars.update(mod_metrics(llava))
         metrics.log(state.iteration, scalars, force=last, images=images)
+        if state.guard.rollback_due():
+            rollback(state, metrics)
+            continue
         interval = ckpt.save_interval
         saved = bool(ckpt.save_dir and (last or (interval and state.iteration % interval == 0)))
         if saved:

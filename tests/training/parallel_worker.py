@@ -5,6 +5,10 @@
   parallel_worker.py logits OUT_DIR CKPT    logits of a fixed batch after loading CKPT:
                                             its model weights at TP=world size, then all
                                             of it (optimizer too) at TP=1
+  parallel_worker.py precision OUT_DIR      a few training steps (a NaN injected into one
+                                            step) in fp32, bf16 and fp16 at TP=1, and bf16
+                                            at TP=2 + SP: per-step metrics and the first
+                                            step's gradients
 
 One process group per launch; megatron-core's parallel state is rebuilt per layout.
 """
@@ -22,7 +26,7 @@ from megatron.core.utils import unwrap_model
 from megamod.config import load_config
 from megamod.parallel import init_distributed
 from megamod.training import checkpoint
-from megamod.training.loop import forward_backward, setup
+from megamod.training.loop import forward_backward, setup, train_step
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_OVERRIDES = ["train.micro_batch_size=1", "train.global_batch_size=4", "checkpoint.save_dir=null", "checkpoint.save_interval=null",
@@ -97,10 +101,47 @@ def logits(out_dir: Path, ckpt_dir: Path) -> None:
             torch.save(torch.cat(parts, dim=-1), out_dir / f"logits_tp{tp}.pt")
 
 
+PRECISION_STEPS, PRECISION_NAN_AT = 8, 4
+# fp16 with a loss scale that does not overflow on this model, halved at the first overflow.
+FP16 = ["precision.initial_loss_scale=1024", "precision.hysteresis=1"]
+
+
+def precision(out_dir: Path) -> None:
+    runs = {"fp32_tp1": ("fp32", 1), "bf16_tp1": ("bf16", 1), "fp16_tp1": ("fp16", 1),
+            "bf16_tp2": ("bf16", 2)}
+    for name, (dtype, tp) in runs.items():
+        extra = [f"precision.params_dtype={dtype}", f"stability.inject_nan_at={PRECISION_NAN_AT}"]
+        config = start(tp, tp > 1, extra + (FP16 if dtype == "fp16" else []))
+        state = setup(config)
+        model = unwrap_model(state.model)
+        result = {"steps": [], "grads": {}}
+        for _ in range(PRECISION_STEPS):
+            batches = state.loader.next_step()
+            if state.iteration == 0:  # the first step's gradients, before any update
+                state.model.zero_grad_buffer()
+                forward_backward(state, batches)
+                result["grads"] = {
+                    n: gather_tp(p.main_grad, p).clone()
+                    for n, p in model.named_parameters() if p.requires_grad
+                }
+            metrics = train_step(state, batches)
+            state.iteration += 1
+            result["steps"].append({**metrics, **state.guard.scalars()})
+        result["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+        result["main_param_dtypes"] = sorted(
+            {str(p.dtype) for g in state.optimizer.param_groups for p in g["params"]}
+        )
+        state.loader.close()
+        if torch.distributed.get_rank() == 0:
+            torch.save(result, out_dir / f"precision_{name}.pt")
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "grads":
         grads(out)
+    elif mode == "precision":
+        precision(out)
     else:
         logits(out, Path(sys.argv[3]))
     torch.distributed.barrier()

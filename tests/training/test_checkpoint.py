@@ -132,6 +132,42 @@ def test_unusable_checkpoints_exit_2_naming_the_problem(run_a, tmp_path):
     no_checkpoint = train_from(tmp_path)
     assert no_checkpoint.returncode == 2
     assert "latest_checkpointed_iteration.txt does not exist" in no_checkpoint.stderr
+    torn = stopped_at(run_a / "ckpt", 10, tmp_path / "torn")
+    shard = sorted((torn / "iter_0000010").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    damaged = train_from(torn)
+    assert damaged.returncode == 2, damaged.stderr[-3000:]
+    assert f"is damaged: {shard.name} is truncated" in damaged.stderr
+    assert "model.*" not in damaged.stderr
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 1])
+
+
+# What an interrupted copy or a full disk leaves; each must name the file, not the model.
+DAMAGE = [
+    (lambda d: _truncate(sorted(d.glob("*.distcp"))[0]), "__0_0.distcp is truncated"),
+    (lambda d: sorted(d.glob("*.distcp"))[-1].unlink(), "__1_1.distcp is missing"),
+    (lambda d: (d / ".metadata").unlink(), ".metadata is missing"),
+    (lambda d: _truncate(d / ".metadata"), ".metadata cannot be read"),
+    (lambda d: (d / "common.pt").unlink(), "common.pt is missing"),
+    (lambda d: (d / "metadata.json").write_text("{"), "metadata.json is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("damage, words", DAMAGE, ids=[w for _, w in DAMAGE])
+def test_damaged_checkpoints_name_the_file(run_a, tmp_path, damage, words):
+    from megamod.errors import CheckpointError
+    from megamod.training import checkpoint
+
+    copy = stopped_at(run_a / "ckpt", 10, tmp_path / "ckpt")
+    checkpoint.check_intact(copy / "iter_0000010")  # an intact copy passes
+    damage(copy / "iter_0000010")
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.saved_config(copy)  # the first read of a run that loads it
+    assert f"is damaged: {words}" in str(error.value)
+    assert "latest_checkpointed_iteration.txt" in str(error.value)  # the way out
 
 
 def test_kill_during_checkpoint_write_keeps_previous_latest(tmp_path):
