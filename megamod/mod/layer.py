@@ -110,9 +110,12 @@ def select_kept_tokens(
 
 
 def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [s, b, ...] at index [k, b] -> [k, b, ...]."""
-    expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(0, expanded)
+    """x [s, b, ...] at index [k, b] -> [k, b, ...], as whole rows of x's [s x b] rows:
+    `index_select` (backward: `index_add`) costs about half of an element-wise `gather`
+    (backward: `scatter_add`) on CPU, forward and backward."""
+    s, b = x.shape[:2]
+    rows = (index * b + torch.arange(b, device=index.device)).reshape(-1)
+    return x.reshape(s * b, *x.shape[2:]).index_select(0, rows).reshape(*index.shape, *x.shape[2:])
 
 
 class MoDTransformerLayer(TransformerLayer):
@@ -201,10 +204,18 @@ class MoDTransformerLayer(TransformerLayer):
     def _merge(
         y_kept: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
-        """Back to the positions: kept tokens from y_kept, skipped vision tokens w * x."""
-        from_kept = _gather_seq(y_kept, slot.clamp(min=0))
-        skipped = weights.to(x.dtype).unsqueeze(-1) * x
-        return torch.where((slot >= 0).unsqueeze(-1), from_kept, skipped)
+        """Back to the positions: kept tokens from y_kept, skipped vision tokens w * x.
+
+        One sum, w' x + y_kept[slot] with w' = 0 at kept positions and a zero row of y_kept
+        read at skipped ones: exact (for finite x) and, backward included, about half the
+        cost of gathering every position and choosing with `torch.where`."""
+        s, b = slot.shape
+        kept = slot >= 0
+        rows = torch.where(kept, slot * b + torch.arange(b, device=slot.device), y_kept.shape[0] * b)
+        hidden = y_kept.shape[-1]
+        source = torch.cat([y_kept.reshape(-1, hidden), y_kept.new_zeros(1, hidden)])
+        from_kept = source.index_select(0, rows.reshape(-1)).reshape(s, b, hidden)
+        return weights.masked_fill(kept, 0.0).to(x.dtype).unsqueeze(-1) * x + from_kept
 
     def _forward_cached(self, hidden_states: torch.Tensor, cache: Any, **kwargs: Any):
         """Inference with a KV cache (`megamod.inference.cache.KVCache`; TP=1, no SP).

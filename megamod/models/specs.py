@@ -1,7 +1,9 @@
 """Layer specs: which megatron-core modules build each part of the model.
 
 The model builds what it is given; the choices live here. Transformer-engine modules
-when TE and a GPU are present, megatron-core's local (pure torch) modules otherwise.
+when TE and a GPU are present, megatron-core's local (pure torch) modules otherwise,
+with attention computed by torch's `scaled_dot_product_attention`
+(`megamod.models.core_attention`) instead of upstream's local `DotProductAttention`.
 The decoder is a list of layer specs: dense layers, and MoE layers where
 `moe.layer_freq` puts them (megatron-core's MoELayer with our recording router), and
 p-MoD's MoD layers (`megamod.mod.layer.MoDTransformerLayer`) where `mod` puts them,
@@ -30,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megamod.config import MoDConfig
+from megamod.models.core_attention import SDPADotProductAttention
 from megamod.mod.layer import MoDTransformerLayer
 from megamod.mod.schedule import layer_ratios
 from megamod.moe.router import TopKRouterWithStats
@@ -59,6 +62,8 @@ def decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization
     )
     for spec in block.layer_specs:
+        if not use_te:
+            spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
         mlp = spec.submodules.mlp
         if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
             mlp.submodules.router = TopKRouterWithStats
@@ -86,6 +91,7 @@ def vision_layer_spec(use_te: bool) -> ModuleSpec:
     # Upstream's local ViT spec asks for a causal mask (its TE spec does not): a CLIP
     # encoder attends in both directions.
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     # Checkpoint names as the TE spec's fused norm+linear modules have them (upstream's
     # local GPT spec does this for the decoder, its ViT spec does not): a checkpoint
     # written on CPU loads on GPU with transformer-engine, and the other way round.

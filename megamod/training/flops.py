@@ -1,9 +1,10 @@
 """Model FLOPs and KV-cache bytes, analytically: one implementation for the training log
 (`train/tflops_per_step`), `megamod inspect CONFIG --flops` and the benchmarks.
 
-Counted: every matrix multiplication of a forward pass, 2 FLOPs per multiply-add, as they
-run (attention scores and values over the full square of the tokens a layer sees, as
-megatron-core's kernels compute them, causal or not): the ViT on its patches + CLS (the
+Counted: every matrix multiplication of a forward pass, 2 FLOPs per multiply-add
+(attention scores and values over the full square of the tokens a layer sees, causal or
+not, as torch's FLOP counter counts them; causal flash kernels skip
+about half of that square): the ViT on its patches + CLS (the
 built layers only), the projector, each decoder layer at the number of tokens it runs
 (p-MoD: a MoD layer's kept tokens, its router on all of them; MoE: the router and top-k
 experts per token) and the output layer. Training counts 3x the forward (backward: 2x).
