@@ -3,6 +3,7 @@ variants of one shape, and Hugging Face's `LlavaForConditionalGeneration` as the
 shape's peer, on the same micro-batches, built in one process and timed interleaved.
 
     python benchmarks/run.py --quick [--steps 5] [--warmup 1] [--variants dense,mod,hf] [--json]
+    python benchmarks/run.py --quick --set model.language.seq_length=1280   # a shape's variation
     python benchmarks/run.py --dry-run      # the default ~1B GPU shape on paper: shapes, FLOPs
 
 Each megamod variant is a config (examples/configs/tiny.yaml + the shape's overrides + the
@@ -18,6 +19,19 @@ model FLOPs (the HF peer does the dense model's work). Memory: on GPU each varia
 peak above what was allocated before its step (all variants stay resident); on CPU the
 process' peak RSS, once.
 
+Generation (`--generation-tokens`, 0 to skip; with `dense` and `mod`): `inference.py`
+times prefill and per-token decode of the dense and MoD models (after their training steps)
+on the benchmark's samples at batch 1 and 8, with their KV-cache bytes as allocated:
+`ratio_mod_vs_dense_prefill` and `ratio_mod_vs_dense_decode` (batch 8; per batch size
+with a `_b<batch>` suffix) and `kv_cache_ratio_measured_b<batch>`.
+
+The loader figure (`--loader-steps`, 0 to skip): the bundled tiny data set built into
+shards by the project's shard builder (`prepare_tiny_shards`, in a temporary folder), read
+by the training loader of the dense config (its image decoder: DALI when installed, else
+Pillow; one thread per CPU core, no prefetch), timed alone after the steps: images per second
+it delivers against the images per second the dense step consumes (`ratio_loader_vs_step`;
+>= 3 means the loader keeps up with room to spare, on cores of its own).
+
 Default shape (not --quick): CLIP ViT-L/336 (frozen, as in LLaVA SFT) + a 16-layer,
 2048-wide decoder (0.85B parameters; 1.7B with MoE), bf16, 4 x 1024 tokens per micro-batch.
 All five variants resident hold ~100 GB of weights, gradients and optimizer state (on paper,
@@ -31,16 +45,19 @@ import json
 import os
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from megamod.config import Config, load_config
 from megamod.training.flops import Sample, StepFlops, kv_cache_bytes, sample_flops
+
+from inference import generation_ratios, measure_generation  # benchmarks/inference.py
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny.yaml"
 
@@ -84,6 +101,7 @@ class Variant:
     overrides: list[str]
     config: Config
     step: Callable[[], object] = lambda: None  # set by build_megamod / build_hf
+    model: Any = None  # megamod's LLaVA (build_megamod), for the generation figures
     tflops_per_step: float = 0.0
     times: list[float] = field(default_factory=list)
     step_memory: list[float] = field(default_factory=list)  # GiB above the resident, GPU only
@@ -100,6 +118,28 @@ def init_world(config: Config) -> None:
     if not torch.distributed.is_initialized():  # its own free port, never an inherited one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     init_distributed(config.parallel, config.train.seed)
+
+
+def loader_rate(overrides: list[str], steps: int) -> dict[str, float | int | str]:
+    """Images per second delivered by the training loader of the config that `overrides`
+    make, on shards built from the bundled tiny data set: `steps` loader steps after one
+    warm-up step (the decoder's start-up)."""
+    from megamod.data.loader import build_train_loader, prepare_tiny_shards
+    from megamod.data.tokenizer import load_tokenizer
+
+    workers = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = prepare_tiny_shards(Path(tmp))
+        config = load_config(BASE, [*overrides, f"data.train_shards={shards}",
+                                    f"data.num_workers={workers}", "data.prefetch_steps=0"])
+        with build_train_loader(config, load_tokenizer(config.data.tokenizer), 0, 1) as loader:
+            loader.next_step()
+            images, start = 0, time.perf_counter()
+            for _ in range(steps):
+                images += sum(len(batch["images"]) for batch in loader.next_step())
+            seconds = time.perf_counter() - start
+            decoder = type(loader.decoder).__name__
+    return {"decoder": decoder, "workers": workers, "images": images, "images_per_s": images / seconds}
 
 
 def build_megamod(
@@ -119,7 +159,18 @@ def build_megamod(
     vocab_size, image_id = llava.language_model.vocab_size, llava.image_token_id
     variant.tflops_per_step = StepFlops(variant.config, vocab_size, image_id)(micro_batches) / 1e12
     variant.step = lambda: train_step(state, micro_batches)
+    variant.model = llava
     return micro_batches, vocab_size, image_id
+
+
+def generators(variants: list[Variant]) -> dict[str, Any]:
+    """The dense and MoD models as `Generator`s, for the generation figures."""
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.inference.generate import Generator
+
+    chosen = [v for v in variants if v.name in ("dense", "mod")]
+    tokenizer = load_tokenizer(chosen[0].config.data.tokenizer)
+    return {v.name: Generator(v.model, tokenizer, v.config) for v in chosen}
 
 
 def build_hf(variant: Variant, micro_batches: list[dict], vocab_size: int, image_id: int) -> None:
@@ -189,10 +240,14 @@ def device_peak_tflops() -> float | None:
 
 
 def ratios(results: dict[str, dict], configs: dict[str, Config]) -> dict[str, float]:
-    """Step-time ratios (< 1: the first is faster), and MoD's FLOPs and KV-cache ratios."""
+    """Step-time ratios (< 1: the first is faster), MoE's per model FLOP, and MoD's FLOPs
+    and KV-cache ratios."""
     time_of = {name: r["step_time_s"] for name, r in results.items()}
     out = {f"ratio_{name}_vs_dense": time_of[name] / time_of["dense"]
            for name in ("mod", "moe", "mod_moe") if name in time_of}
+    if "moe" in time_of:  # MoE does more FLOPs by design: its cost per FLOP is the overhead
+        per_flop = {name: time_of[name] / results[name]["tflops_per_step"] for name in ("moe", "dense")}
+        out["ratio_moe_vs_dense_per_flop"] = per_flop["moe"] / per_flop["dense"]
     if "hf" in time_of:
         out["ratio_megamod_vs_hf"] = time_of["dense"] / time_of["hf"]
     if "mod" in time_of:
@@ -273,6 +328,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"a subset of {','.join(VARIANTS)}, with dense")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every variant, after the shape's (repeatable)")
+    parser.add_argument("--loader-steps", type=int, default=32,
+                        help="loader steps timed for the loader figure (0: no loader figure)")
+    parser.add_argument("--generation-tokens", type=int, default=8,
+                        help="new tokens per generation timed (0: no generation figures)")
     parser.add_argument("--dry-run", action="store_true", help="print shapes and FLOPs only")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     args = parser.parse_args()
@@ -283,7 +344,7 @@ def main() -> None:
         parser.error(f"--variants: a subset of {list(VARIANTS)} with dense (it supplies the data)")
     variants = []
     for name in names:
-        overrides = COMMON + SHAPES[shape_name] + VARIANTS[name]
+        overrides = COMMON + SHAPES[shape_name] + args.set + VARIANTS[name]
         variants.append(Variant(name, overrides, load_config(BASE, overrides)))
     if args.dry_run:
         dry_run(variants)
@@ -293,7 +354,14 @@ def main() -> None:
 
     micro_batches, vocab_size, image_id = build(variants)
     measure(variants, args.warmup, args.steps)
+    generation = None
+    if args.generation_tokens and {"dense", "mod"} <= set(names):
+        generation = measure_generation(generators(variants), micro_batches, args.generation_tokens)
     destroy_distributed()
+    # The models' peak, before the loader figure adds its decoder's memory (ru_maxrss: KiB).
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    dense = next(v for v in variants if v.name == "dense")
+    loader = loader_rate(dense.overrides, args.loader_steps) if args.loader_steps else None
 
     config = variants[0].config
     tokens_per_step = config.train.global_batch_size * config.model.language.seq_length
@@ -312,8 +380,15 @@ def main() -> None:
         "overrides": {v.name: v.overrides for v in variants},
         "variants": results,
         "ratios": ratios(results, {v.name: v.config for v in variants}),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB
+        "peak_rss_gib": peak_rss_gib,
     }
+    if generation is not None:
+        summary["generation"] = generation
+        summary["ratios"].update(generation_ratios(generation))
+    if loader is not None:
+        step_images_per_s = sum(images) / results["dense"]["step_time_s"]
+        summary["loader"] = {**loader, "step_images_per_s": step_images_per_s}
+        summary["ratios"]["ratio_loader_vs_step"] = loader["images_per_s"] / step_images_per_s
     print_table(summary)
     if args.json:
         print(json.dumps(summary))
@@ -334,6 +409,14 @@ def print_table(summary: dict) -> None:
     for name, value in summary["ratios"].items():
         print(f"{name:24s} {value:.3f}")
     print(f"peak RSS of the process (all variants): {summary['peak_rss_gib']:.2f} GiB")
+    for name, r in summary.get("generation", {}).items():
+        print(f"generate {name:9s} prefill {r['prefill_s']:.4f} s, decode {r['decode_token_s']:.4f} "
+              f"s/token, KV cache {r['kv_cache_bytes'] / 2**20:.2f} MiB")
+    if "loader" in summary:
+        loader = summary["loader"]
+        print(f"loader ({loader['decoder']}, {loader['workers']} threads): "
+              f"{loader['images_per_s']:.1f} images/s; the dense step consumes "
+              f"{loader['step_images_per_s']:.2f} images/s")
 
 
 if __name__ == "__main__":
