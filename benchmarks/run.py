@@ -10,10 +10,12 @@ Each megamod variant is a config (examples/configs/tiny.yaml + the shape's overr
 variant's), built by `megamod.training.loop.setup` in a world of one (megatron-core's
 parallel state re-initialised per variant, same seed) and stepped by `train_step` on one
 step's micro-batches drawn beforehand from the dense build's loader (data loading is not
-timed; all variants step on the same samples). The HF peer is the dense config through
-megamod's HF config mapping (`megamod.convert.hf`: the ViT's built layers, the last one the
-feature layer), the same parts frozen, torch.optim.AdamW and the same gradient clipping;
-eager attention on CPU, SDPA on GPU. After the warm-up, each repetition steps every variant
+timed; all variants step on the same samples). The HF peer is the dense model converted by
+`megamod convert`'s adapter (`megamod.convert.hf.to_hf`: the ViT's built layers, the last
+one the feature layer; the dense model's initial weights), the same parts frozen,
+torch.optim.AdamW and the same gradient clipping; eager attention on CPU, SDPA on GPU.
+Before any step both compute the loss of the micro-batches (`same_weights_loss` in the
+JSON): equal, they do the same work. After the warm-up, each repetition steps every variant
 once, in turn; a variant's step time is its median. FLOPs are `megamod.training.flops`'
 model FLOPs (the HF peer does the dense model's work). Memory: on GPU each variant's step
 peak above what was allocated before its step (all variants stay resident); on CPU the
@@ -71,11 +73,12 @@ COMMON = (keys("checkpoint", save_dir="null", save_interval="null")
           + keys("logging", tensorboard_dir="null")
           + keys("data", num_workers=1, prefetch_steps=0, max_skip_fraction=0.9))
 SHAPES = {
-    # CPU-sized, with what MoD exploits: 576 vision tokens of a 640-token sequence.
+    # CPU-sized, with what MoD exploits: 576 vision tokens of a 640-token sequence, and 8
+    # decoder layers, so PRD makes 6 of them MoD layers: LLaVA-1.5-7B's share (24 of 32).
     "quick": keys("model.vision", image_size=336, patch_size=14, num_layers=3, hidden_size=96,
                   ffn_hidden_size=384, num_attention_heads=4)
-    + keys("model.language", num_layers=6, hidden_size=256, ffn_hidden_size=704,
-           num_attention_heads=4, num_query_groups=2, seq_length=640)
+    + keys("model.language", num_layers=8, hidden_size=512, ffn_hidden_size=1408,
+           num_attention_heads=8, num_query_groups=4, seq_length=640)
     + keys("train", micro_batch_size=2, global_batch_size=2),
     # For one GPU: CLIP ViT-L/336 (frozen) + a TinyLlama-width decoder of 16 layers.
     "default": keys("model.vision", image_size=336, patch_size=14, num_layers=24, hidden_size=1024,
@@ -173,23 +176,28 @@ def generators(variants: list[Variant]) -> dict[str, Any]:
     return {v.name: Generator(v.model, tokenizer, v.config) for v in chosen}
 
 
-def build_hf(variant: Variant, micro_batches: list[dict], vocab_size: int, image_id: int) -> None:
-    """The dense config as `LlavaForConditionalGeneration` (megamod's HF mapping), the same
-    parts frozen, AdamW with the config's hyperparameters and clipping; sets `variant.step`."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def build_hf(variant: Variant, micro_batches: list[dict], image_id: int, dense: Any) -> None:
+    """The dense model as `LlavaForConditionalGeneration`, its weights copied by the HF
+    adapter of `megamod convert` (`to_hf`), the same parts frozen, AdamW with the config's
+    hyperparameters and clipping; sets `variant.step` and `variant.model`."""
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
 
-    from megamod.convert.hf import hf_config
+    from megamod.convert.hf import to_hf
+    from megamod.training.precision import DTYPES
 
     config = variant.config
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        config.precision.params_dtype
-    ]
+    dtype = DTYPES[config.precision.params_dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    llava_config = LlavaConfig.from_dict(hf_config(config, image_id, vocab_size, dtype))
-    torch.manual_seed(config.train.seed)
-    model = LlavaForConditionalGeneration._from_config(
-        llava_config, attn_implementation="sdpa" if device == "cuda" else "eager", dtype=dtype
-    ).to(device).train()
+    state, hf_config = to_hf(dense.state_dict(), config, image_id)
+    with tempfile.TemporaryDirectory() as folder:  # as `megamod convert --to hf` writes it
+        save_file({k: v.contiguous() for k, v in state.items()}, f"{folder}/model.safetensors",
+                  metadata={"format": "pt"})
+        Path(folder, "config.json").write_text(json.dumps(hf_config))
+        model = LlavaForConditionalGeneration.from_pretrained(
+            folder, attn_implementation="sdpa" if device == "cuda" else "eager", dtype=dtype
+        ).to(device).train()
+    variant.model = model
     parts = {"vision": [model.model.vision_tower], "projector": [model.model.multi_modal_projector],
              "language": [model.model.language_model, model.lm_head]}
     model.requires_grad_(False)
@@ -200,21 +208,58 @@ def build_hf(variant: Variant, micro_batches: list[dict], vocab_size: int, image
     train = config.train
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
-    loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        for batch in micro_batches:
-            images = batch["images"].to(device, dtype) if len(batch["images"]) else None
-            logits = model(input_ids=batch["tokens"].to(device), pixel_values=images).logits
-            # megamod's labels are already the next tokens (Megatron-LM's layout): no shift.
-            labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-            ((losses * mask.flatten()).sum() / loss_tokens).backward()
+        hf_loss(model, micro_batches)  # backward per micro-batch
         torch.nn.utils.clip_grad_norm_(params, train.clip_grad)
         optimizer.step()
 
     variant.step = step
+
+
+def hf_loss(model: Any, micro_batches: list[dict]) -> torch.Tensor:
+    """The step's loss of the HF model, per loss token as megamod's (gradients accumulate
+    over the micro-batches when called with grad)."""
+    device, dtype = model.device, model.dtype
+    loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
+    total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        images = batch["images"].to(device, dtype) if len(batch["images"]) else None
+        logits = model(input_ids=batch["tokens"].to(device), pixel_values=images).logits
+        # megamod's labels are already the next tokens (Megatron-LM's layout): no shift.
+        labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        loss = (losses * mask.flatten()).sum() / loss_tokens
+        if torch.is_grad_enabled():
+            loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+def same_weights_losses(variants: list[Variant], micro_batches: list[dict]) -> dict[str, float]:
+    """Before any step, megamod's dense model and the HF peer (its weights copied) on the
+    same micro-batches: the loss of each, in eval mode (no dropout), for the harness test."""
+    dense, hf = (next(v for v in variants if v.name == name) for name in ("dense", "hf"))
+    with torch.no_grad():
+        dense.model.eval(), hf.model.eval()
+        losses = {"megamod": float(megamod_loss(dense.model, micro_batches)),
+                  "hf": float(hf_loss(hf.model, micro_batches))}
+        dense.model.train(), hf.model.train()
+    return losses
+
+
+def megamod_loss(model: Any, micro_batches: list[dict]) -> torch.Tensor:
+    """The same for megamod's LLaVA (its forward returns per-token losses)."""
+    device = next(model.parameters()).device
+    loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
+    total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        mask = batch["loss_mask"].to(device)
+        losses = model(batch["tokens"].to(device), batch["images"].to(device),
+                       batch["labels"].to(device), mask)
+        total = total + (losses.float() * mask).sum() / loss_tokens
+    return total
 
 
 def timed(variant: Variant) -> None:
@@ -288,7 +333,7 @@ def build(variants: list[Variant]) -> tuple[list[dict], int, int]:
     micro_batches, vocab_size, image_id = build_megamod(dense)
     for variant in variants:
         if variant.name == "hf":
-            build_hf(variant, micro_batches, vocab_size, image_id)
+            build_hf(variant, micro_batches, image_id, dense.model)
             variant.tflops_per_step = dense.tflops_per_step
         elif variant is not dense:
             build_megamod(variant, micro_batches)
@@ -353,6 +398,7 @@ def main() -> None:
     from megamod.parallel import destroy_distributed
 
     micro_batches, vocab_size, image_id = build(variants)
+    losses = same_weights_losses(variants, micro_batches) if "hf" in names else None
     measure(variants, args.warmup, args.steps)
     generation = None
     if args.generation_tokens and {"dense", "mod"} <= set(names):
@@ -382,6 +428,8 @@ def main() -> None:
         "ratios": ratios(results, {v.name: v.config for v in variants}),
         "peak_rss_gib": peak_rss_gib,
     }
+    if losses is not None:
+        summary["same_weights_loss"] = losses
     if generation is not None:
         summary["generation"] = generation
         summary["ratios"].update(generation_ratios(generation))
@@ -409,6 +457,10 @@ def print_table(summary: dict) -> None:
     for name, value in summary["ratios"].items():
         print(f"{name:24s} {value:.3f}")
     print(f"peak RSS of the process (all variants): {summary['peak_rss_gib']:.2f} GiB")
+    if "same_weights_loss" in summary:
+        losses = summary["same_weights_loss"]
+        print(f"loss before any step, same weights: megamod {losses['megamod']:.6f}, "
+              f"HF {losses['hf']:.6f}")
     for name, r in summary.get("generation", {}).items():
         print(f"generate {name:9s} prefill {r['prefill_s']:.4f} s, decode {r['decode_token_s']:.4f} "
               f"s/token, KV cache {r['kv_cache_bytes'] / 2**20:.2f} MiB")

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,16 +165,11 @@ def routing_config(saved: Config, shards: str) -> Config:
 def route(save_dir: Path, saved: Config, shards: str, batches: int) -> dict[str, Any]:
     """Run `batches` global batches of `shards` through the checkpoint's model (eval, no
     grad) as a world of one; returns the routers' statistics."""
-    from megamod.parallel import destroy_distributed, free_port, init_distributed
+    from megamod.parallel import world_of_one
 
     config = routing_config(saved, shards)
-    # A one-process job: its own free port, never one inherited from a launcher's env.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_distributed(config.parallel, config.train.seed)
-    try:
+    with world_of_one(config.parallel, config.train.seed, "inspect --routing"):
         return _route(save_dir, config, batches)
-    finally:
-        destroy_distributed()
 
 
 def _route(save_dir: Path, config: Config, batches: int) -> dict[str, Any]:

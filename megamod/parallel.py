@@ -9,6 +9,7 @@ assumptions.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -18,12 +19,13 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from megamod.config import Config, ParallelConfig
-from megamod.errors import ConfigError
+from megamod.errors import ConfigError, MegamodError
 from megamod.training.precision import check_fp8_supported
 
 
@@ -147,6 +149,24 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env
+
+
+@contextlib.contextmanager
+def world_of_one(parallel: ParallelConfig, seed: int, command: str) -> Iterator[DistEnv]:
+    """A one-process command (`megamod convert`, `upcycle`, `inspect --routing`,
+    `generate`) as a world of one, for megatron-core's parallel state and
+    dist_checkpointing. Started by torchrun, it uses torchrun's rendezvous; otherwise a
+    free port of its own, never a MASTER_PORT inherited from a training job's environment.
+    Under a launcher with more processes it is refused."""
+    if dist_env_from(os.environ).world_size != 1:
+        raise MegamodError(f"megamod {command} runs as one process: start it without torchrun or srun")
+    if "RANK" not in os.environ:  # not torchrun's
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = init_distributed(parallel, seed)
+    try:
+        yield env
+    finally:
+        destroy_distributed()
 
 
 def check_device_support(config: Config) -> None:

@@ -67,12 +67,8 @@ def world_of_one(overrides: list[str] = ()) -> Iterator:
     """This pytest process as a one-rank job (gloo, megatron-core's parallel state built
     from the tiny config + overrides); yields that config."""
     from megamod.config import load_config
-    from megamod.parallel import destroy_distributed, init_distributed
+    from megamod import parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     config = load_config(TINY_CONFIG, list(overrides))
-    init_distributed(config.parallel, config.train.seed)
-    try:
+    with parallel.world_of_one(config.parallel, config.train.seed, "tests"):
         yield config
-    finally:
-        destroy_distributed()

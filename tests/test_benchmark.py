@@ -46,6 +46,10 @@ def test_benchmark_smoke_json() -> None:
     assert ratios["ratio_loader_vs_step"] == pytest.approx(
         loader["images_per_s"] / step_images, rel=1e-12)
 
+    # The HF peer holds the dense model's weights (megamod convert's adapter): same loss.
+    losses = result["same_weights_loss"]
+    assert losses["hf"] == pytest.approx(losses["megamod"], rel=1e-5)
+
     # Generation: dense and MoD at batch 1 and 8; the ratios are the reported numbers'.
     generation = result["generation"]
     assert set(generation) == {f"{name}/b{batch}" for name in ("dense", "mod") for batch in (1, 8)}

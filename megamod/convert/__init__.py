@@ -152,21 +152,6 @@ def _staged(output: Path) -> Iterator[Path]:
 # ------------------------------------------------------------------------------ model
 
 
-@contextlib.contextmanager
-def _world_of_one(config: Config) -> Iterator[None]:
-    from megamod.parallel import destroy_distributed, dist_env_from, free_port, init_distributed
-
-    if dist_env_from(os.environ).world_size != 1:
-        raise MegamodError("megamod convert runs as one process: start it without torchrun or srun")
-    if "RANK" not in os.environ:  # not torchrun's: any free port, not an inherited one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_distributed(config.parallel, config.train.seed)
-    try:
-        yield
-    finally:
-        destroy_distributed()
-
-
 def _load(model: LLaVA, state: StateDict, source: Path, fresh: tuple[str, ...] = ()) -> None:
     """Copy `state` into `model`; tensors named `fresh*` keep the model's initialisation."""
     own = model.state_dict()
@@ -202,6 +187,7 @@ def _write_megamod(
 ) -> None:
     """Build megamod's model from `raw` (the adapters' config), load `state`, save it as a
     weights-only checkpoint with the tokenizer and model.yaml beside it."""
+    from megamod.parallel import world_of_one
     from megamod.training.checkpoint import save_checkpoint
     from megamod.training.loop import build_model
 
@@ -215,7 +201,7 @@ def _write_megamod(
     config = build_dataclass(Config, raw, prefix="")
     with _staged(output) as staging:
         tokenizer.hf.save_pretrained(str(staging / "tokenizer"))
-        with _world_of_one(config):
+        with world_of_one(config.parallel, config.train.seed, "convert"):
             model = build_model(config, tokenizer)
             _load(model, state, source, fresh)
             _progress(f"saving to {output}")
@@ -272,6 +258,7 @@ def megamod_to_hf(input_dir: Path, output: Path) -> None:
     from safetensors.torch import save_file
 
     from megamod.models.llava import padded_vocab_size
+    from megamod.parallel import world_of_one
     from megamod.training.checkpoint import TRACKER_FILE, load_model_weights, saved_config
     from megamod.training.loop import build_model
 
@@ -294,7 +281,7 @@ def megamod_to_hf(input_dir: Path, output: Path) -> None:
         tokenizer.vocab_size, language.make_vocab_size_divisible_by, tp
     )
     config = build_dataclass(Config, raw, prefix="")
-    with _staged(output.resolve()) as staging, _world_of_one(config):
+    with _staged(output.resolve()) as staging, world_of_one(config.parallel, config.train.seed, "convert"):
         model = build_model(config, tokenizer)
         iteration = load_model_weights(input_dir, model)
         _progress(f"iteration {iteration} of {input_dir}")

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -193,7 +192,7 @@ def open_generator(checkpoint_dir: str | Path) -> Iterator[Generator]:
     from megamod.config import CheckpointConfig, ParallelConfig
     from megamod.data.tokenizer import load_tokenizer
     from megamod.inspector import saved_config
-    from megamod.parallel import destroy_distributed, free_port, init_distributed
+    from megamod.parallel import world_of_one
     from megamod.training import checkpoint
     from megamod.training.loop import build_model
 
@@ -205,15 +204,10 @@ def open_generator(checkpoint_dir: str | Path) -> Iterator[Generator]:
         logging=dataclasses.replace(saved.logging, tensorboard_dir=None),
     )
     tokenizer = load_tokenizer(config.data.tokenizer)
-    # A one-process job: its own free port, never one inherited from a launcher's env.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_distributed(config.parallel, config.train.seed)
-    try:
+    with world_of_one(config.parallel, config.train.seed, "generate"):
         model = build_model(config, tokenizer)
         checkpoint.load_model_weights(checkpoint_dir, model)
         yield Generator(model, tokenizer, config)
-    finally:
-        destroy_distributed()
 
 
 def prompt_tokens(

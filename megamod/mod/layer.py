@@ -127,7 +127,7 @@ class MoDTransformerLayer(TransformerLayer):
         *args: Any,
         ratio: float,
         weight_norm: str = "tanh_0.2_1",
-        kept_length_multiple: int = 64,
+        kept_length_multiple: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)

@@ -46,7 +46,7 @@ import yaml
 from megamod.config import Config, build_dataclass
 from megamod.data.tokenizer import load_tokenizer
 from megamod.errors import CheckpointError, MegamodError
-from megamod.parallel import destroy_distributed, dist_env_from, free_port, init_distributed
+from megamod.parallel import world_of_one
 from megamod.training.logging import silence_upstream_warnings
 
 if TYPE_CHECKING:
@@ -161,13 +161,6 @@ def _check_output(output: Path, input_dir: Path, force: bool) -> None:
         )
 
 
-def _world_of_one() -> None:
-    if dist_env_from(os.environ).world_size != 1:
-        raise MegamodError("megamod upcycle runs as one process: start it without torchrun or srun")
-    if "RANK" not in os.environ:  # not torchrun's: any free port, not an inherited one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-
-
 def _build_configs(
     dense: Config, vocab_size: int, num_experts: int, layer_freq: int | list[int], router_topk: int
 ) -> tuple[Config, Config]:
@@ -216,9 +209,7 @@ def upcycle(
     staging = output.parent / f".{output.name}.upcycling"
     if staging.exists():  # left by a killed run
         shutil.rmtree(staging)
-    _world_of_one()
-    init_distributed(moe_config.parallel, seed)
-    try:
+    with world_of_one(moe_config.parallel, seed, "upcycle"):
         _progress(f"loading the dense model from {input_dir}")
         dense = build_model(dense_config, tokenizer)
         iteration = load_model_weights(input_dir, dense)
@@ -233,8 +224,6 @@ def upcycle(
         _progress(f"experts copied from the dense FFNs, {routers} routers drawn with seed {seed}")
         _progress(f"saving to {output}")
         save_checkpoint(staging, 0, moe, None, None, {}, moe_config)
-    finally:
-        destroy_distributed()
     if output.is_dir():
         shutil.rmtree(output)
     elif output.exists():

@@ -241,9 +241,13 @@ class StabilityGuard:
     ) -> tuple[Optional[int], Optional[int]]:
         """The lowest rank whose loss, and the lowest whose gradients, are not finite.
         Collective."""
+        # One sum per buffer: a NaN or inf anywhere makes it non-finite (inf - inf = NaN),
+        # and it reads the buffer once without the full-size mask `isfinite(...).all()`
+        # writes (~4 % of a CPU benchmark step). A finite buffer summing past the dtype's
+        # range is flagged too: such gradients overflow the norm anyway.
         grads_finite = torch.ones((), dtype=torch.bool, device=local_loss.device)
         for buffer in [*model.buffers, *model.expert_parallel_buffers]:
-            grads_finite &= torch.isfinite(buffer.grad_data).all()
+            grads_finite &= torch.isfinite(buffer.grad_data.sum())
         local = torch.stack([~torch.isfinite(local_loss).all(), ~grads_finite]).float()
         flags = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(flags, local)
