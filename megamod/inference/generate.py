@@ -203,7 +203,7 @@ def open_generator(checkpoint_dir: str | Path) -> Iterator[Generator]:
         checkpoint=CheckpointConfig(),
         logging=dataclasses.replace(saved.logging, tensorboard_dir=None),
     )
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_of(checkpoint_dir, config))
     with world_of_one(config.parallel, config.train.seed, "generate"):
         model = build_model(config, tokenizer)
         checkpoint.load_model_weights(checkpoint_dir, model)

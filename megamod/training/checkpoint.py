@@ -13,7 +13,9 @@ whose MoE layout disagrees with its checkpoint is told which key to change. RNG 
 are per rank and restored only when the parallel layout is unchanged.
 
 A run starts from its own save_dir once that holds a checkpoint (`start_from`), and one
-job at a time owns a save_dir (`save_dir/megamod.lock`, `SaveDirLock`).
+job at a time owns a save_dir (`save_dir/megamod.lock`, `SaveDirLock`). A Hugging Face
+tokenizer is copied beside the checkpoints (`save_dir/tokenizer/`, `keep_tokenizer`), so
+the save_dir alone rebuilds model and tokenizer (`megamod generate`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ logger = logging.getLogger("megamod")
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 LOCK_FILE = "megamod.lock"
+TOKENIZER_DIR = "tokenizer"
 # What dist_checkpointing writes into each iteration folder besides the `.distcp` shards:
 # its format (serialization.py), the common (non-sharded) state, torch's shard index.
 _DIST_CONFIG_FILE = "metadata.json"
@@ -268,6 +271,26 @@ def saved_config(load_dir: str | Path) -> Config | None:
     check_intact(ckpt_dir)
     raw = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("config")
     return None if raw is None else build_dataclass(Config, raw, prefix="")
+
+
+def keep_tokenizer(save_dir: str | Path, name_or_path: str) -> None:
+    """Copy the run's tokenizer (`data.tokenizer`, a Hugging Face folder) into
+    `save_dir/tokenizer/` once, atomically; the bundled "tiny" one needs no copy. Rank 0."""
+    from megamod.data.tokenizer import load_tokenizer
+
+    target = Path(save_dir) / TOKENIZER_DIR
+    if name_or_path == "tiny" or target.exists():
+        return
+    staging = target.with_name(f".{TOKENIZER_DIR}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    load_tokenizer(name_or_path).hf.save_pretrained(str(staging))
+    os.replace(staging, target)
+
+
+def tokenizer_of(save_dir: str | Path, config: Config) -> str:
+    """What `load_tokenizer` takes for a save_dir's model: its copy, else the config's."""
+    copy = Path(save_dir) / TOKENIZER_DIR
+    return str(copy) if copy.is_dir() else config.data.tokenizer
 
 
 def check_moe_layout(load_dir: str | Path, config: Config) -> None:

@@ -298,6 +298,8 @@ def save(state: TrainState) -> None:
         state.optimizer, state.scheduler, state.loader.state_dict(), state.config,
     )
     state.last_checkpoint = save_dir
+    if torch.distributed.get_rank() == 0:
+        checkpoint.keep_tokenizer(save_dir, state.config.data.tokenizer)
     logger.info(f"saved checkpoint {path}")
 
 

@@ -175,3 +175,26 @@ def test_generate_command(trained):
         assert result.returncode == 2 and word in result.stderr, (args, result.stderr[-2000:])
     missing = generate("--checkpoint", "nowhere", "--prompt", "x", cwd=trained)
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_a_save_dir_carries_its_hugging_face_tokenizer(tmp_path):
+    """Training copies a Hugging Face tokenizer beside its checkpoints; generation reads the
+    copy, so the save_dir alone is enough even once the original folder is gone."""
+    from megamod.training.checkpoint import keep_tokenizer, tokenizer_of
+
+    original = tmp_path / "vicuna-like"
+    load_tokenizer("tiny").hf.save_pretrained(str(original))
+    config = load_config(TINY_CONFIG, [f"data.tokenizer={original}"])
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    keep_tokenizer(save_dir, "tiny")  # bundled: nothing to copy
+    assert not (save_dir / "tokenizer").exists() and tokenizer_of(save_dir, config) == str(original)
+    keep_tokenizer(save_dir, str(original))
+    for path in original.iterdir():
+        path.unlink()
+    original.rmdir()
+    copy = tokenizer_of(save_dir, config)
+    assert copy == str(save_dir / "tokenizer")
+    text = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+    assert load_tokenizer(copy).encode(text) == load_tokenizer("tiny").encode(text)
+    assert load_tokenizer(copy).image_token_id == load_tokenizer("tiny").image_token_id
