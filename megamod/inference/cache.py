@@ -22,8 +22,8 @@ keys and values of its kept tokens only):
   every attention, and RoPE positions count each sample's own tokens only. A sample in a
   batch therefore computes what it computes alone.
 
-Masks follow megatron-core's convention (True = masked out) and are always explicit,
-causal in slot order (slots are in position order, padding last or first).
+Masks follow megatron-core's convention (True = masked out), causal in slot order (slots
+are in position order, padding last or first); without padding there is none to pass.
 """
 
 from __future__ import annotations
@@ -45,9 +45,20 @@ class CacheLayout:
     rotary: Optional[torch.Tensor]  # [capacity, b, 1, d]: RoPE of each slot's position
     length: int = 0  # slots written
 
-    def attention_mask(self, start: int, end: int) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        # Padding only ever sits in the prompt's slots, which every step's keys cover:
+        # known once (a host sync here, none per layer and step).
+        self.padded = not bool(self.valid.all())
+
+    def attention_mask(self, start: int, end: int) -> Optional[torch.Tensor]:
         """[b, 1, end - start, end], True = masked: queries in slots [start, end) see the
-        real tokens in slots up to their own."""
+        real tokens in slots up to their own. None where no slot is padding: then the
+        attention's own mask type says exactly that (causal at prefill, where the queries
+        are all the keys; nothing to mask for decode's single query), which lets the
+        attention take its causal fast path (and transformer-engine, which ignores
+        explicit masks, compute the right thing)."""
+        if not self.padded:
+            return None
         slots = torch.arange(end, device=self.valid.device)
         causal = slots.unsqueeze(0) <= slots[start:end].unsqueeze(1)  # [n, end]
         allowed = causal.unsqueeze(0) & self.valid[:end].t().unsqueeze(1)  # [b, n, end]
@@ -113,7 +124,7 @@ class KVCache(StaticInferenceContext):
     @contextlib.contextmanager
     def in_layout(
         self, layout: CacheLayout, new_tokens: int
-    ) -> Iterator[tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]]:
+    ) -> Iterator[tuple[Optional[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]]:
         """While `new_tokens` tokens run against `layout`: the offset is its slot count;
         yields their attention mask and RoPE. The slots count as written afterwards."""
         start, outer = layout.length, self.sequence_len_offset

@@ -71,11 +71,11 @@ class Generator:
         images = images.to(self.device, self.model.config.params_dtype)
         if not use_cache:
             return self._generate_uncached(prompts, images, max_new_tokens, temperature, sampler)
-        if len(prompts) > 1 and self._attention_ignores_masks():
+        if self._needs_padding(prompts) and self._attention_ignores_masks():
             raise MegamodError(
-                "batched generation masks each sample's padding, which transformer-engine's "
-                "attention ignores (megatron-core asks it for 'causal' or 'no_mask'): generate "
-                "one prompt at a time"
+                "a batch of prompts of different lengths or image counts needs padding masks, "
+                "which transformer-engine's attention ignores (megatron-core asks it for "
+                "'causal' or 'no_mask'): generate one prompt at a time, or batch equal ones"
             )
         tokens, padding = self._left_pad(prompts)
         s, b = tokens.shape[1], tokens.shape[0]
@@ -103,9 +103,15 @@ class Generator:
             s,
         )
 
+    def _needs_padding(self, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether the batch pads: prompts of different lengths (left padding) or vision
+        token counts (MoD layers keeping different numbers of tokens)."""
+        image = self.model.image_token_id
+        return len({(len(p), sum(t == image for t in p)) for p in prompts}) > 1
+
     def _attention_ignores_masks(self) -> bool:
         """transformer-engine's core attention: it applies its mask type, not our masks
-        (with one prompt there is no padding, and causal / no mask is exactly right)."""
+        (without padding the cache passes none, and causal / no mask is exactly right)."""
         return any(type(m).__name__ == "TEDotProductAttention" for m in self.model.modules())
 
     def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

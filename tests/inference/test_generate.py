@@ -1,8 +1,8 @@
 """Generation with the KV cache against independent references (a world of one, fp32).
 
-- Cached decoding of a batch (left-padded prompts with 0, 1 and 2 images) equals the
-  reference that recomputes each sample's whole sequence with the training forward at
-  every step: dense, p-MoD (PRD, random routers) and p-MoD + MoE.
+- Cached decoding of a batch (left-padded prompts with 0, 1 and 2 images), and of each
+  prompt alone, equals the reference that recomputes each sample's whole sequence with
+  the training forward at every step: dense, p-MoD (PRD, random routers), p-MoD + MoE.
 - p-MoD with ratio 1 on every layer and zero routers generates the dense model's tokens.
 - The cache as allocated holds exactly what `training/flops.kv_cache_bytes` counts.
 - `megamod generate` on a trained checkpoint: text out, bad input exits 2.
@@ -78,6 +78,14 @@ def test_cached_generation_equals_recomputing_the_prefix(world, overrides):
     reference = generator.generate(prompts, images, NEW_TOKENS, use_cache=False)
     assert cached.tokens == reference.tokens
     assert all(len(set(row)) >= 4 for row in cached.tokens), cached.tokens  # not one token over and over
+    # Alone, a prompt has no padding: the cache passes no masks (the attention's causal
+    # fast path at prefill), with the same result.
+    first_image = 0
+    for prompt, expected in zip(prompts, reference.tokens):
+        count = prompt.count(generator.tokenizer.image_token_id) // generator.config.model.vision.num_patches
+        alone = generator.generate([prompt], images[first_image : first_image + count], NEW_TOKENS)
+        first_image += count
+        assert alone.tokens == [expected]
     mod_layers = len(generator.model.mod_layers())
     assert mod_layers == (3 if overrides else 0)
     if mod_layers:  # the MoD layers did cache less
