@@ -31,6 +31,7 @@ from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from megamod.errors import DataError, MegamodError
 from megamod.inference.cache import KVCache
 from megamod.models.llava import LLaVA
+from megamod.training.precision import DTYPES
 
 
 @dataclass
@@ -45,7 +46,9 @@ class Generator:
     """Generation from a LLaVA model in a one-process world (TP=1, no sequence parallelism)."""
 
     def __init__(self, model: LLaVA, tokenizer: Tokenizer, config: Config) -> None:
-        self.model = model.eval()
+        # In the dtype training ran in: bf16/fp16 training wraps the model in megatron-core's
+        # Float16Module, which casts all of it (routers compute in fp32 on their own).
+        self.model = model.to(DTYPES[config.precision.params_dtype]).eval()
         self.tokenizer = tokenizer
         self.config = config  # the model's: image size, conversation template
         self.device = next(model.parameters()).device
@@ -68,7 +71,7 @@ class Generator:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampler = torch.Generator(device=self.device).manual_seed(seed)
-        images = images.to(self.device, self.model.config.params_dtype)
+        images = images.to(self.device, DTYPES[self.config.precision.params_dtype])
         if not use_cache:
             return self._generate_uncached(prompts, images, max_new_tokens, temperature, sampler)
         if self._needs_padding(prompts) and self._attention_ignores_masks():
@@ -157,7 +160,7 @@ class Generator:
         config = self.model.language_model.config
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         groups = config.num_query_groups or config.num_attention_heads
-        element = torch.finfo(config.params_dtype).bits // 8
+        element = torch.finfo(DTYPES[self.config.precision.params_dtype]).bits // 8
         return 2 * groups * head_dim * element * config.num_layers
 
     def _generate_uncached(

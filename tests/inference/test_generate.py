@@ -123,6 +123,21 @@ def test_cache_bytes_equal_the_accounting(world):
             assert result.cache_bytes == kv_cache_bytes(generator.config, sample, bytes_per_value=4), (overrides, count)
 
 
+def test_bf16_generation_caches_bf16(world):
+    """A bf16 run's model generates in bf16 (as Float16Module trained it); the cache holds
+    2-byte values, as the accounting's default counts them. The tokens themselves are
+    compared in fp32 above: bf16 rounding may flip a near tie of the tiny model."""
+    from megamod.training.flops import Sample, kv_cache_bytes
+
+    generator = generator_for(PRD + MOE + ["precision.params_dtype=bf16"])
+    assert {p.dtype for p in generator.model.parameters()} == {torch.bfloat16}
+    prompts, images = batch(generator)
+    result = generator.generate(prompts[:1], images[:1], NEW_TOKENS)
+    assert len(result.tokens[0]) >= 1
+    sample = Sample(images=1, seq_length=len(prompts[0]) + NEW_TOKENS - 1)
+    assert result.cache_bytes == kv_cache_bytes(generator.config, sample)
+
+
 def test_sampling_follows_its_seed(world):
     generator = generator_for(PRD)
     prompts, images = batch(generator)
