@@ -17,19 +17,17 @@ from megamod.inference.generate import Generator
 BATCH_SIZES = (1, 8)
 
 
-def prompts_of(micro_batches: list[dict], pad_id: int, image_id: int, patches: int,
+def prompts_of(generator: Generator, micro_batches: list[dict],
                batch: int) -> tuple[list[list[int]], torch.Tensor]:
     """`batch` prompts (the benchmark's samples without their padding, cycled) and their
     images, in order."""
     samples = []
     for micro_batch in micro_batches:
-        first_image = 0
-        for tokens in micro_batch["tokens"].tolist():
-            while tokens and tokens[-1] == pad_id:
+        prompts = [row.tolist() for row in micro_batch["tokens"]]
+        for tokens in prompts:
+            while tokens and tokens[-1] == generator.tokenizer.pad_id:
                 tokens.pop()
-            count = tokens.count(image_id) // patches
-            samples.append((tokens, micro_batch["images"][first_image : first_image + count]))
-            first_image += count
+        samples += zip(prompts, generator.images_per_prompt(prompts, micro_batch["images"]))
     chosen = [samples[i % len(samples)] for i in range(batch)]
     return [tokens for tokens, _ in chosen], torch.cat([images for _, images in chosen])
 
@@ -54,12 +52,9 @@ def measure_generation(
 ) -> dict[str, dict[str, float]]:
     """Per model and batch size (`<name>/b<batch>`): prefill_s, decode_token_s,
     kv_cache_bytes (as allocated for the prompt and the new tokens)."""
-    any_generator = next(iter(generators.values()))
-    tokenizer, config = any_generator.tokenizer, any_generator.config
     results: dict[str, dict[str, float]] = {}
     for batch in BATCH_SIZES:
-        prompts, images = prompts_of(micro_batches, tokenizer.pad_id, tokenizer.image_token_id,
-                                     config.model.vision.num_patches, batch)
+        prompts, images = prompts_of(next(iter(generators.values())), micro_batches, batch)
         times = {name: {"prefill": [], "full": []} for name in generators}
         cache_bytes = {}
         for repeat in range(repeats + 1):  # the first round warms up

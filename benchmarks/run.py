@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -211,30 +211,38 @@ def build_hf(variant: Variant, micro_batches: list[dict], image_id: int, dense: 
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        hf_loss(model, micro_batches)  # backward per micro-batch
+        for loss in hf_losses(model, micro_batches):
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.clip_grad)
         optimizer.step()
 
     variant.step = step
 
 
-def hf_loss(model: Any, micro_batches: list[dict]) -> torch.Tensor:
-    """The step's loss of the HF model, per loss token as megamod's (gradients accumulate
-    over the micro-batches when called with grad)."""
+def hf_losses(model: Any, micro_batches: list[dict]) -> Iterator[torch.Tensor]:
+    """Each micro-batch's share of the step's loss from the HF model (summed over its loss
+    tokens, divided by the step's: megamod's normalisation), one at a time so a training
+    step can run backward on each before the next forward."""
     device, dtype = model.device, model.dtype
     loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
-    total = torch.zeros((), device=device)
     for batch in micro_batches:
         images = batch["images"].to(device, dtype) if len(batch["images"]) else None
         logits = model(input_ids=batch["tokens"].to(device), pixel_values=images).logits
         # megamod's labels are already the next tokens (Megatron-LM's layout): no shift.
         labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
         losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-        loss = (losses * mask.flatten()).sum() / loss_tokens
-        if torch.is_grad_enabled():
-            loss.backward()
-        total = total + loss.detach()
-    return total
+        yield (losses * mask.flatten()).sum() / loss_tokens
+
+
+def megamod_losses(model: Any, micro_batches: list[dict]) -> Iterator[torch.Tensor]:
+    """The same from megamod's LLaVA (its forward returns per-token losses)."""
+    device = next(model.parameters()).device
+    loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
+    for batch in micro_batches:
+        mask = batch["loss_mask"].to(device)
+        losses = model(batch["tokens"].to(device), batch["images"].to(device),
+                       batch["labels"].to(device), mask)
+        yield (losses.float() * mask).sum() / loss_tokens
 
 
 def same_weights_losses(variants: list[Variant], micro_batches: list[dict]) -> dict[str, float]:
@@ -243,23 +251,10 @@ def same_weights_losses(variants: list[Variant], micro_batches: list[dict]) -> d
     dense, hf = (next(v for v in variants if v.name == name) for name in ("dense", "hf"))
     with torch.no_grad():
         dense.model.eval(), hf.model.eval()
-        losses = {"megamod": float(megamod_loss(dense.model, micro_batches)),
-                  "hf": float(hf_loss(hf.model, micro_batches))}
+        losses = {"megamod": float(sum(megamod_losses(dense.model, micro_batches))),
+                  "hf": float(sum(hf_losses(hf.model, micro_batches)))}
         dense.model.train(), hf.model.train()
     return losses
-
-
-def megamod_loss(model: Any, micro_batches: list[dict]) -> torch.Tensor:
-    """The same for megamod's LLaVA (its forward returns per-token losses)."""
-    device = next(model.parameters()).device
-    loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
-    total = torch.zeros((), device=device)
-    for batch in micro_batches:
-        mask = batch["loss_mask"].to(device)
-        losses = model(batch["tokens"].to(device), batch["images"].to(device),
-                       batch["labels"].to(device), mask)
-        total = total + (losses.float() * mask).sum() / loss_tokens
-    return total
 
 
 def timed(variant: Variant) -> None:

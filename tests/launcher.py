@@ -62,6 +62,17 @@ def megamod_train(
     return torchrun(nproc, args, cwd, timeout)
 
 
+def parallel_worker_results(worker: Path, variants: tuple[str, ...], out: Path) -> dict:
+    """A parallel worker's protocol, per variant: `init` (the reference, one process), then
+    `grads` (two processes); returns the `grads_*.pt` files they wrote, by name."""
+    import torch
+
+    for variant in variants:
+        torchrun(1, [str(worker), "init", str(out), variant], cwd=out)
+        torchrun(2, [str(worker), "grads", str(out), variant], cwd=out)
+    return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
+
+
 @contextlib.contextmanager
 def world_of_one(overrides: list[str] = ()) -> Iterator:
     """This pytest process as a one-rank job (gloo, megatron-core's parallel state built

@@ -83,6 +83,8 @@ _Piece = tuple[str | int, bool]
 
 
 def _render(turns: list[tuple[str, str]], template: str, tok: Tokenizer) -> list[_Piece]:
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {template!r}: use one of {', '.join(TEMPLATES)}")
     pieces: list[_Piece] = [] if tok.bos_id is None else [(tok.bos_id, False)]
     if template == "plain":
         for role, value in turns:
@@ -166,8 +168,6 @@ def encode_conversation(
     with everything after it. A sample left with no trained label is still returned
     (with `truncated=True`); the caller decides whether to skip it.
     """
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown conversation template {template!r}: use one of {', '.join(TEMPLATES)}")
     if num_image_tokens < 1 or seq_length < 2:
         raise ValueError(f"need num_image_tokens >= 1 and seq_length >= 2, got {num_image_tokens}, {seq_length}")
 
@@ -194,8 +194,6 @@ def encode_prompt(turns: list[dict], template: str, tokenizer: Tokenizer, num_im
     """Token ids of `turns` (ending with a human turn) followed by the assistant's header:
     the prompt a model trained on `template` answers, rendered as training renders it
     (LLaVA's `get_prompt()` with an empty assistant message: "... ASSISTANT:")."""
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown conversation template {template!r}: use one of {', '.join(TEMPLATES)}")
     pieces = _render(_normalise_turns(turns) + [("gpt", "")], template, tokenizer)
     while pieces and pieces[-1][1]:  # the empty answer and its end-of-turn token
         pieces.pop()

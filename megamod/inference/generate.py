@@ -26,11 +26,12 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from megamod.config import Config
+from megamod.config import Config, MoDConfig
 from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from megamod.errors import DataError, MegamodError
 from megamod.inference.cache import KVCache
 from megamod.models.llava import LLaVA
+from megamod.training.flops import Sample, kv_cache_bytes
 from megamod.training.precision import DTYPES
 
 
@@ -102,7 +103,7 @@ class Generator:
         return Generation(
             [self._until_eos(row) if stop_at_eos else row for row in new.tolist()],
             cache.nbytes(),
-            cache.dense.positions.numel() * self._bytes_per_slot(),
+            self._dense_cache_bytes(cache.max_sequence_length) * b,
             s,
         )
 
@@ -155,13 +156,17 @@ class Generator:
     def _until_eos(self, ids: list[int]) -> list[int]:
         return ids[: ids.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in ids else ids
 
-    def _bytes_per_slot(self) -> int:
-        """Keys + values of one token in every decoder layer."""
-        config = self.model.language_model.config
-        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
-        groups = config.num_query_groups or config.num_attention_heads
+    def _dense_cache_bytes(self, tokens: int) -> int:
+        """One sample's cache of `tokens` slots in every layer (the model with MoD off)."""
+        dense = dataclasses.replace(self.config, mod=MoDConfig())
         element = torch.finfo(DTYPES[self.config.precision.params_dtype]).bits // 8
-        return 2 * groups * head_dim * element * config.num_layers
+        return kv_cache_bytes(dense, Sample(images=0, seq_length=tokens), element)
+
+    def images_per_prompt(self, prompts: Sequence[Sequence[int]], images: torch.Tensor) -> list[torch.Tensor]:
+        """`images` (all prompts', in order) split by prompt, by their placeholder runs."""
+        image_token, patches = self.model.image_token_id, self.model.num_patches
+        counts = [sum(t == image_token for t in prompt) // patches for prompt in prompts]
+        return list(images.split(counts))
 
     def _generate_uncached(
         self,
@@ -172,12 +177,8 @@ class Generator:
         sampler: torch.Generator,
     ) -> Generation:
         """The reference: per sample, the training forward on the whole sequence per token."""
-        image_token, patches = self.model.image_token_id, self.model.num_patches
-        first_image, results = 0, []
-        for prompt in prompts:
-            count = sum(t == image_token for t in prompt) // patches
-            own = images[first_image : first_image + count]
-            first_image += count
+        results = []
+        for prompt, own in zip(prompts, self.images_per_prompt(prompts, images)):
             sequence = torch.as_tensor(list(prompt), dtype=torch.long, device=self.device)
             new: list[int] = []
             for _ in range(max_new_tokens):

@@ -80,12 +80,9 @@ def test_cached_generation_equals_recomputing_the_prefix(world, overrides):
     assert all(len(set(row)) >= 4 for row in cached.tokens), cached.tokens  # not one token over and over
     # Alone, a prompt has no padding: the cache passes no masks (the attention's causal
     # fast path at prefill), with the same result.
-    first_image = 0
-    for prompt, expected in zip(prompts, reference.tokens):
-        count = prompt.count(generator.tokenizer.image_token_id) // generator.config.model.vision.num_patches
-        alone = generator.generate([prompt], images[first_image : first_image + count], NEW_TOKENS)
-        first_image += count
-        assert alone.tokens == [expected]
+    for prompt, own, expected in zip(prompts, generator.images_per_prompt(prompts, images),
+                                     reference.tokens):
+        assert generator.generate([prompt], own, NEW_TOKENS).tokens == [expected]
     mod_layers = len(generator.model.mod_layers())
     assert mod_layers == (3 if overrides else 0)
     if mod_layers:  # the MoD layers did cache less
@@ -113,14 +110,11 @@ def test_cache_bytes_equal_the_accounting(world):
     for overrides in ([], PRD, PRD + MOE):
         generator = generator_for(overrides)
         prompts, images = batch(generator)
-        first_image = 0
-        for prompt in prompts:
-            count = prompt.count(generator.tokenizer.image_token_id) // generator.config.model.vision.num_patches
-            result = generator.generate([prompt], images[first_image : first_image + count], NEW_TOKENS)
-            first_image += count
+        for prompt, own in zip(prompts, generator.images_per_prompt(prompts, images)):
+            result = generator.generate([prompt], own, NEW_TOKENS)
             # Cached: the prompt and every new token but the last (never fed back).
-            sample = Sample(images=count, seq_length=len(prompt) + NEW_TOKENS - 1)
-            assert result.cache_bytes == kv_cache_bytes(generator.config, sample, bytes_per_value=4), (overrides, count)
+            sample = Sample(images=len(own), seq_length=len(prompt) + NEW_TOKENS - 1)
+            assert result.cache_bytes == kv_cache_bytes(generator.config, sample, bytes_per_value=4), (overrides, len(own))
 
 
 def test_bf16_generation_caches_bf16(world):

@@ -10,18 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.launcher import REPO, torchrun
+from tests.launcher import REPO, parallel_worker_results
 
-WORKER = str(REPO / "tests" / "mod" / "parallel_worker.py")
+WORKER = REPO / "tests" / "mod" / "parallel_worker.py"
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mod_grads")
-    for variant in ("mod", "mod_moe"):
-        torchrun(1, [WORKER, "init", str(out), variant], cwd=out)
-        torchrun(2, [WORKER, "grads", str(out), variant], cwd=out)
-    return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
+    return parallel_worker_results(WORKER, ("mod", "mod_moe"), tmp_path_factory.mktemp("mod_grads"))
 
 
 @pytest.mark.parametrize("variant", ["mod", "mod_moe"])

@@ -11,18 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.launcher import REPO, torchrun
+from tests.launcher import REPO, parallel_worker_results
 
-WORKER = str(REPO / "tests" / "moe" / "parallel_worker.py")
+WORKER = REPO / "tests" / "moe" / "parallel_worker.py"
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe_grads")
-    for variant in ("dropless", "capacity"):
-        torchrun(1, [WORKER, "init", str(out), variant], cwd=out)
-        torchrun(2, [WORKER, "grads", str(out), variant], cwd=out)
-    return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
+    return parallel_worker_results(WORKER, ("dropless", "capacity"), tmp_path_factory.mktemp("moe_grads"))
 
 
 CASES = ["dropless_ep2", "dropless_tp2_sp_ep2", "dropless_tp2_sp", "capacity_ep2"]
