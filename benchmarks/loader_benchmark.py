@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from megamod.config import load_config
-from megamod.data.loader import PythonImageDecoder, build_train_loader, prepare_tiny_shards
+from megamod.data.decode import PythonImageDecoder
+from megamod.data.loader import build_train_loader, prepare_tiny_shards
 from megamod.data.reader import open_source
 from megamod.data.tokenizer import load_tokenizer
 
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="loader steps per measurement")
     args = parser.parse_args()
 
-    from megamod.data.dali import DaliImageDecoder  # the benchmark compares against it: required
+    from megamod.data.decode import DaliImageDecoder  # the benchmark compares against it: required
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or str(prepare_tiny_shards(Path(tmp)))

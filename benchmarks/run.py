@@ -184,7 +184,7 @@ def build_hf(variant: Variant, micro_batches: list[dict], image_id: int, dense: 
     from transformers import LlavaForConditionalGeneration
 
     from megamod.convert.hf import to_hf
-    from megamod.training.precision import DTYPES
+    from megamod.precision import DTYPES
 
     config = variant.config
     dtype = DTYPES[config.precision.params_dtype]
@@ -302,13 +302,11 @@ def ratios(results: dict[str, dict], configs: dict[str, Config]) -> dict[str, fl
 def dry_run(variants: list[Variant]) -> None:
     """Shapes and, for a 1-image sample, model TFLOPs and KV cache per variant, unbuilt."""
     from megamod.data.tokenizer import load_tokenizer
-    from megamod.models.llava import padded_vocab_size
+    from megamod.models.build import vocab_size
 
     config = variants[0].config
     vision, language = config.model.vision, config.model.language
-    vocab = language.vocab_size or padded_vocab_size(
-        load_tokenizer(config.data.tokenizer).vocab_size, language.make_vocab_size_divisible_by,
-        config.parallel.tensor_model_parallel_size)
+    vocab = vocab_size(config, load_tokenizer(config.data.tokenizer).vocab_size)
     print(f"ViT {vision.num_built_layers}/{vision.num_layers} layers x {vision.hidden_size} at "
           f"{vision.image_size} px ({vision.num_patches} tokens); decoder {language.num_layers} "
           f"layers x {language.hidden_size} (ffn {language.ffn_hidden_size}, "

@@ -26,7 +26,7 @@ import torch
 
 from megamod.config import Config, ParallelConfig
 from megamod.errors import ConfigError, MegamodError
-from megamod.training.precision import check_fp8_supported
+from megamod.precision import check_fp8_supported
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,12 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: this rank's GPU under NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
 
 
 def is_rank_zero() -> bool:

@@ -6,7 +6,7 @@
 
 import sys
 
-from megamod.data.shards import main
+from megamod.cli.build_shards import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 
 import sys
 
-from megamod.convert import main
+from megamod.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ an inspect.py there would shadow the standard library's `inspect` for every impo
 
 import sys
 
-from megamod.inspector import main
+from megamod.cli.inspect import main
 
 if __name__ == "__main__":
     sys.exit(main())

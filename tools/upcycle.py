@@ -6,7 +6,7 @@
 
 import sys
 
-from megamod.moe.upcycle import main
+from megamod.cli.upcycle import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,8 @@ uninterrupted one would.
 
 Per step: the members of each sample are read in a thread pool (`data.num_workers`), the
 json is parsed and tokenised (`encode_conversation`) here, and all the step's images are
-decoded and CLIP-preprocessed in one batch: by DALI (`megamod.data.dali`) when installed,
-else by Pillow (`megamod.data.preprocess`) in the pool. A background thread prepares
+decoded and CLIP-preprocessed in one batch (`megamod.data.decode`: DALI when installed,
+else Pillow in the pool). A background thread prepares
 `data.prefetch_steps` steps ahead; `last_wait` is how long the latest `next_step()`
 blocked, for `data/wait_fraction`.
 
@@ -29,7 +29,6 @@ the run.
 from __future__ import annotations
 
 import fcntl
-import io
 import itertools
 import json
 import logging
@@ -38,7 +37,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,24 +45,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from megamod.config import Config
 from megamod.data.conversation import IGNORE_INDEX, EncodedSample, encode_conversation
-from megamod.data.preprocess import preprocess_image
+from megamod.data.decode import make_image_decoder
 from megamod.data.reader import TINY_CACHE_DIR, RawSample, SampleOrder, Source, open_source
 from megamod.data.shards import build_shards
 from megamod.data.tiny import write_tiny_dataset
 from megamod.data.tokenizer import Tokenizer
-from megamod.errors import ConfigError, DataError
+from megamod.errors import DataError
 
 logger = logging.getLogger("megamod")
 
 MAX_REPLACEMENTS = 100  # unusable draws in a row for one position before giving up
-
-# Decoders map (member name, encoded bytes) pairs to float32 [n, 3, S, S] and {index: error}.
-ImageDecoder = Callable[[Sequence[tuple[str, bytes]]], tuple[np.ndarray, dict[int, str]]]
-
 
 def prepare_tiny_shards(cache_dir: Path = TINY_CACHE_DIR) -> Path:
     """Writes the bundled tiny data set and builds its shards under `cache_dir`; returns
@@ -77,53 +71,6 @@ def prepare_tiny_shards(cache_dir: Path = TINY_CACHE_DIR) -> Path:
         out = cache_dir / "shards"
         build_shards("llava", json_path, json_path.parent, out, name="tiny", shard_size=16, workers=0, progress=False)
     return out
-
-
-class PythonImageDecoder:
-    """The DALI-free path: Pillow decode + `preprocess_image`, one image per pool task."""
-
-    def __init__(self, image_size: int, aspect: str, pool: ThreadPoolExecutor):
-        self.image_size, self.aspect, self._pool = image_size, aspect, pool
-
-    def _one(self, data: bytes) -> np.ndarray | str:
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                return preprocess_image(image, self.image_size, self.aspect)
-        except UnidentifiedImageError:
-            return "not an image format Pillow knows"
-        except Exception as e:  # Pillow signals corrupt data with many types
-            return f"{type(e).__name__}: {e}"
-
-    def __call__(self, images: Sequence[tuple[str, bytes]]) -> tuple[np.ndarray, dict[int, str]]:
-        pixels = np.zeros((len(images), 3, self.image_size, self.image_size), dtype=np.float32)
-        errors = {}
-        for i, result in enumerate(self._pool.map(self._one, [data for _, data in images])):
-            if isinstance(result, str):
-                errors[i] = result
-            else:
-                pixels[i] = result
-        return pixels, errors
-
-
-def make_image_decoder(
-    choice: str, image_size: int, aspect: str, pool: ThreadPoolExecutor, num_threads: int
-) -> ImageDecoder:
-    """`data.image_decoder`: "dali" (GPU decode when torch sees one; Pillow for what DALI
-    cannot read), "python", or "auto" (DALI when installed)."""
-    if choice != "python":
-        try:
-            from megamod.data.dali import DaliImageDecoder
-        except ImportError as e:
-            if choice == "dali":
-                raise ConfigError(
-                    f"data.image_decoder=dali but NVIDIA DALI does not import ({e}): "
-                    "pip install nvidia-dali-cuda120, or set data.image_decoder=python"
-                ) from None
-        else:
-            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-            fallback = PythonImageDecoder(image_size, aspect, pool)
-            return DaliImageDecoder(image_size, aspect, num_threads, fallback, device_id)
-    return PythonImageDecoder(image_size, aspect, pool)
 
 
 def collate(samples: Sequence[_Prepared]) -> dict[str, torch.Tensor]:

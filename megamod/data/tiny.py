@@ -228,3 +228,11 @@ def write_tiny_dataset(out_dir: str | Path) -> Path:
     json_path = out_dir / JSON_NAME
     _write_if_changed(json_path, (json.dumps(tiny_samples(), indent=1) + "\n").encode())
     return json_path
+
+
+if __name__ == "__main__":
+    # Regenerates the bundled tokenizer asset from the tiny texts and the templates' words.
+    from megamod.data.tokenizer import TINY_TOKENIZER_PATH, train_tiny_tokenizer
+
+    train_tiny_tokenizer(tokenizer_corpus()).save(str(TINY_TOKENIZER_PATH), pretty=True)
+    print(f"wrote {TINY_TOKENIZER_PATH}")

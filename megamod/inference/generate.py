@@ -8,21 +8,17 @@ values of the tokens it kept at prefill, new tokens run every layer (they are te
 training forward, one sample at a time.
 
 `open_generator(CKPT_DIR)` rebuilds the model and tokenizer from what a checkpoint
-directory carries (its config) in a one-process world (TP=1); `megamod generate` is its
-command line.
+directory carries (its config) in a one-process world (TP=1); `megamod generate`
+(`megamod.cli.generate`) is its command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -32,7 +28,7 @@ from megamod.errors import DataError, MegamodError
 from megamod.inference.cache import KVCache
 from megamod.models.llava import LLaVA
 from megamod.training.flops import Sample, kv_cache_bytes
-from megamod.training.precision import DTYPES
+from megamod.precision import DTYPES
 
 
 @dataclass
@@ -199,21 +195,14 @@ class Generator:
 def open_generator(checkpoint_dir: str | Path) -> Iterator[Generator]:
     """The model and tokenizer of the latest checkpoint in `checkpoint_dir` (a training
     run's `checkpoint.save_dir`), built from the config saved with it, in a world of one."""
-    from megamod.config import CheckpointConfig, ParallelConfig
     from megamod.data.tokenizer import load_tokenizer
-    from megamod.inspector import saved_config
+    from megamod.models.build import build_model, one_process_config
     from megamod.parallel import world_of_one
     from megamod.training import checkpoint
-    from megamod.training.loop import build_model
 
-    saved = saved_config(Path(checkpoint_dir))
-    config = dataclasses.replace(
-        saved,
-        parallel=ParallelConfig(),  # one process: TP=1, EP=1 (a checkpoint loads at any)
-        checkpoint=CheckpointConfig(),
-        logging=dataclasses.replace(saved.logging, tensorboard_dir=None),
-    )
-    tokenizer = load_tokenizer(checkpoint.tokenizer_of(checkpoint_dir, config))
+    saved = checkpoint.saved_config(checkpoint_dir)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_of(checkpoint_dir, saved))
+    config = one_process_config(saved, tokenizer.vocab_size)  # a checkpoint loads at any TP/EP
     with world_of_one(config.parallel, config.train.seed, "generate"):
         model = build_model(config, tokenizer)
         checkpoint.load_model_weights(checkpoint_dir, model)
@@ -254,54 +243,3 @@ def prompt_tokens(
     ids = encode_prompt([{"from": "human", "value": prompt}], config.data.conversation_template,
                         generator.tokenizer, config.model.vision.num_patches)
     return ids, images
-
-
-# ------------------------------------------------------------------------------ command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megamod generate",
-        description="Answer a prompt about images with a trained checkpoint (one process; "
-        "p-MoD layers cache only the tokens they keep).",
-    )
-    p.add_argument("--checkpoint", required=True, help="a training run's checkpoint.save_dir")
-    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    p.add_argument("--prompt", required=True, help=f"the question; {IMAGE_TOKEN} marks where an image goes")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0, help="for sampling at temperature > 0")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise MegamodError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    if args.temperature < 0:
-        raise MegamodError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
-    for path in args.image:
-        if not Path(path).is_file():
-            raise DataError(f"--image {path} does not exist: give an image file")
-    with open_generator(args.checkpoint) as generator:
-        ids, images = prompt_tokens(generator, args.prompt, args.image)
-        start = time.perf_counter()
-        result = generator.generate([ids], images, args.max_new_tokens, args.temperature, seed=args.seed)
-        seconds = time.perf_counter() - start
-    text = generator.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
-    if args.json:
-        print(json.dumps({
-            "text": text, "tokens": result.tokens[0], "prompt_tokens": result.prompt_tokens,
-            "kv_cache_bytes": result.cache_bytes, "kv_cache_bytes_dense": result.dense_cache_bytes,
-            "seconds": round(seconds, 3),
-        }))
-    else:
-        print(text)
-        print(
-            f"[{result.prompt_tokens} prompt + {len(result.tokens[0])} new tokens in {seconds:.2f} s; "
-            f"KV cache {result.cache_bytes / 2**20:.2f} MiB, "
-            f"{result.cache_bytes / max(result.dense_cache_bytes, 1):.1%} of every layer caching every token]",
-            file=sys.stderr,
-        )
-    return 0

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megamod.config import CheckpointConfig, Config, build_dataclass
-from megamod.errors import CheckpointError
+from megamod.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger("megamod")
 
@@ -264,13 +264,31 @@ def _load(sharded: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
         ) from None
 
 
-def saved_config(load_dir: str | Path) -> Config | None:
-    """The config the latest checkpoint of `load_dir` was written with (None if it
-    predates the field)."""
+def saved_config(load_dir: str | Path) -> Config:
+    """The config the latest checkpoint of `load_dir` (a save_dir) was written with.
+    Raises CheckpointError naming the fix when `load_dir` is no save_dir or its config
+    cannot be read by this version of megamod."""
+    load_dir = Path(load_dir)
+    if not (load_dir / TRACKER_FILE).is_file():
+        problem = "does not exist" if not load_dir.exists() else f"has no {TRACKER_FILE}"
+        raise CheckpointError(
+            f"{load_dir} {problem}: give the checkpoint.save_dir of a training run (the "
+            f"folder that holds the iter_* folders)"
+        )
     ckpt_dir = iteration_dir(load_dir, read_latest_iteration(load_dir))
     check_intact(ckpt_dir)
     raw = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("config")
-    return None if raw is None else build_dataclass(Config, raw, prefix="")
+    if raw is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} predates checkpoints that carry their config: this "
+            f"version of megamod cannot tell its layout"
+        )
+    try:
+        return build_dataclass(Config, raw, prefix="")
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{load_dir} was saved with a config this version of megamod cannot read: {e}"
+        ) from None
 
 
 def keep_tokenizer(save_dir: str | Path, name_or_path: str) -> None:
@@ -297,8 +315,6 @@ def check_moe_layout(load_dir: str | Path, config: Config) -> None:
     """Refuse, naming the key and the fix, a config whose MoE layers do not match the
     checkpoint's (dist_checkpointing's own error names only a missing tensor)."""
     saved = saved_config(load_dir)
-    if saved is None:
-        return
     num_layers = config.model.language.num_layers
 
     def layout(c: Config) -> dict[str, Any]:

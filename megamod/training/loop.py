@@ -27,13 +27,14 @@ from megamod.config import Config
 from megamod.data.loader import TrainLoader, build_train_loader, prepare_tiny_shards
 from megamod.data.tokenizer import Tokenizer, load_tokenizer
 from megamod.errors import ConfigError
-from megamod.models.llava import LLaVA, padded_vocab_size
-from megamod.parallel import check_device_support, dist_env_from
+from megamod.models.build import build_model, vocab_size, with_vocab_size
+from megamod.models.llava import LLaVA
+from megamod.parallel import check_device_support, collective_device, dist_env_from
 from megamod.training import checkpoint
 from megamod.training.flops import StepFlops
 from megamod.training.logging import MetricsLogger
 from megamod.training.optimizer import apply_update, build_optimizer, build_scheduler, wrap_model
-from megamod.training.precision import loss_scaler
+from megamod.training.loss_scaler import loss_scaler
 from megamod.training.preemption import PreemptionWatcher
 from megamod.training.stability import StabilityGuard
 
@@ -56,23 +57,6 @@ class TrainState:
     last_checkpoint: Optional[str] = None
 
 
-def build_model(config: Config, tokenizer: Tokenizer) -> LLaVA:
-    language = config.model.language
-    vocab_size = language.vocab_size or padded_vocab_size(
-        tokenizer.vocab_size,
-        language.make_vocab_size_divisible_by,
-        config.parallel.tensor_model_parallel_size,
-    )
-    if vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.language.vocab_size={vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens: raise it or leave it unset"
-        )
-    model = LLaVA(config, vocab_size=vocab_size, image_token_id=tokenizer.image_token_id)
-    model.freeze(config.train.trainable)
-    return model
-
-
 def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
     data = config.data
     if "tiny" in ([m.shards for m in data.mixture] or [data.train_shards]):
@@ -93,13 +77,12 @@ def dp_metrics(loader: TrainLoader, step_time: float, flops: float) -> dict[str,
     peers read the same samples), and the largest fraction of the step a DP rank waited
     for data (the slowest holds all up). Collective over the DP group: every rank calls
     it every step."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     group = parallel_state.get_data_parallel_group()
     sums = torch.tensor(
         [float(loader.counts.skipped), float(loader.counts.truncated), flops / 1e12],
-        dtype=torch.float64, device=device,
+        dtype=torch.float64, device=collective_device(),
     )
-    wait = torch.tensor([loader.last_wait / step_time], device=device)
+    wait = torch.tensor([loader.last_wait / step_time], device=collective_device())
     torch.distributed.all_reduce(sums, group=group)
     torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX, group=group)
     skipped, truncated, tflops = sums.tolist()
@@ -152,6 +135,14 @@ def setup(config: Config) -> TrainState:
     check_batch_split(config)
     check_device_support(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
+    load_dir, finetune = checkpoint.start_from(config.checkpoint)
+    if load_dir is not None:
+        checkpoint.check_moe_layout(load_dir, config)
+        if config.model.language.vocab_size is None:
+            # The embedding keeps the rows it was trained with (padded at that run's TP
+            # size, which may differ from this one's).
+            saved = checkpoint.saved_config(load_dir)
+            config = with_vocab_size(config, vocab_size(saved, tokenizer.vocab_size))
     model = build_model(config, tokenizer)
     ddp_model = wrap_model(config, model)
     optimizer = build_optimizer(config, ddp_model)
@@ -159,11 +150,12 @@ def setup(config: Config) -> TrainState:
     loader = build_loader(config, tokenizer)
     guard = StabilityGuard(config.stability, loss_scaler(config, optimizer))
     state = TrainState(config, ddp_model, optimizer, scheduler, loader, guard)
-    load_dir, finetune = checkpoint.start_from(config.checkpoint)
-    if load_dir is not None:
-        checkpoint.check_moe_layout(load_dir, config)
     if load_dir is not None and finetune:
         checkpoint.load_model_weights(load_dir, model)
+        # The optimizer's fp32 main copies (bf16/fp16) were taken from the initialisation:
+        # refresh them from the loaded weights, as Megatron-LM does after loading, or the
+        # first step would write the initialisation back.
+        optimizer.reload_model_params()
         logger.info(f"loaded model weights from {load_dir} (finetune: fresh optimizer and data)")
     elif load_dir is not None:
         state.iteration, data_state = checkpoint.load_checkpoint(
@@ -195,9 +187,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple
 
 
 def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    device = collective_device()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:

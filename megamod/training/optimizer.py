@@ -3,7 +3,7 @@
 The model is wrapped in megatron-core's `DistributedDataParallel` (contiguous fp32 grad
 buffers, DP all-reduce), the optimizer comes from `get_megatron_optimizer` (fp32 main
 params for bf16/fp16, fp16 loss scaling, grad clipping, optional distributed optimizer;
-megamod.training.precision picks its settings) and the schedule is
+megamod.precision picks its settings) and the schedule is
 `OptimizerParamScheduler` (linear warmup, then cosine/linear decay to min_lr).
 
 The loop runs megatron-core's optimizer step in its two halves (`prepare_grads`, then
@@ -28,7 +28,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megamod.config import Config
 from megamod.models.llava import LLaVA
-from megamod.training.precision import optimizer_fields
+from megamod.precision import optimizer_fields
 
 
 def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:

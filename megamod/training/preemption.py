@@ -18,6 +18,8 @@ from types import FrameType
 
 import torch
 
+from megamod.parallel import collective_device
+
 # sysexits.h's EX_TEMPFAIL ("try again later"): stopped early with a checkpoint saved;
 # running the same command again continues the run.
 EXIT_RESUMABLE = 75
@@ -36,7 +38,6 @@ class PreemptionWatcher:
 
     def should_stop(self) -> bool:
         """Whether any rank has been signalled. Collective: every rank calls it each step."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=collective_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag.item() > 0

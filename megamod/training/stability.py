@@ -49,7 +49,8 @@ import torch
 
 from megamod.config import StabilityConfig
 from megamod.errors import MegamodError
-from megamod.training.precision import LossScaler
+from megamod.parallel import collective_device
+from megamod.training.loss_scaler import LossScaler
 
 logger = logging.getLogger("megamod")
 
@@ -259,9 +260,8 @@ class StabilityGuard:
     def _agreed(values: dict[str, Any]) -> dict[str, float]:
         """The largest of each value over all ranks, so every rank judges the same
         numbers. Collective."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tensor = torch.tensor(
-            [float(v) for v in values.values()], dtype=torch.float64, device=device
+            [float(v) for v in values.values()], dtype=torch.float64, device=collective_device()
         )
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return dict(zip(values, tensor.tolist()))

@@ -75,7 +75,7 @@ def save_with_tokenizer(model: torch.nn.Module, folder: Path) -> Path:
 
 
 def convert(*args: object) -> int:
-    from megamod.convert import main
+    from megamod.cli.convert import main
 
     return main([str(a) for a in args])
 
@@ -92,7 +92,7 @@ def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load(ckpt: Path):
     """The converted checkpoint as `megamod train` builds and loads it (TP=1)."""
     from megamod.training.checkpoint import load_model_weights, saved_config
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
 
     config = saved_config(ckpt)
     model = build_model(config, load_tokenizer(config.data.tokenizer))
@@ -271,7 +271,7 @@ def tied_bf16(tmp_path_factory) -> Path:
 def moe(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A MoE model's checkpoint (experts on layers 0 and 2 of 4), exported and imported back."""
     from megamod.training.checkpoint import save_checkpoint
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
 
     root = tmp_path_factory.mktemp("moe")
     with world_of_one(QUIET + ["moe.num_experts=4", "moe.layer_freq=2"]) as config:

@@ -17,7 +17,7 @@ from megamod.config import Config, build_dataclass
 from megamod.data.tokenizer import load_tokenizer
 from megamod.parallel import destroy_distributed, init_distributed
 from megamod.training.checkpoint import load_model_weights, saved_config
-from megamod.training.loop import build_model
+from megamod.models.build import build_model
 
 
 def main(ckpt: Path, inputs: Path, out: Path) -> None:

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from megamod.data import shards
-from megamod.data.shards import build_shards, main
+from megamod.cli.build_shards import main
+from megamod.data.shards import build_shards
 from tests.data.fixtures import build_fixture_shards, make_llava
 
 REPO = Path(__file__).resolve().parents[2]

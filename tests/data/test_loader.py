@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from megamod.config import load_config
-from megamod.data.loader import DataCounts, PythonImageDecoder, build_train_loader, prepare_tiny_shards
+from megamod.data.decode import PythonImageDecoder
+from megamod.data.loader import DataCounts, build_train_loader, prepare_tiny_shards
 from megamod.data.reader import MIXTURE_BLOCK, SampleOrder, open_source
 from megamod.data.tiny import tiny_samples
 from megamod.data.tokenizer import load_tokenizer
@@ -327,7 +328,7 @@ def test_config_fields(tmp_path):
 
 
 def test_without_dali_auto_uses_pillow_and_dali_is_a_config_error(llava, tok, monkeypatch):
-    monkeypatch.setitem(sys.modules, "megamod.data.dali", None)  # as if DALI were not installed
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
     with build_train_loader(config(llava, image_decoder="auto"), tok, 0, 1) as loader:
         assert isinstance(loader.decoder, PythonImageDecoder)
     with pytest.raises(ConfigError, match="data.image_decoder=dali"):

@@ -40,7 +40,7 @@ def world():
 def generator_for(overrides: list[str], state_dict: dict | None = None):
     """A Generator on the tiny model; random weights (std 0.1) unless `state_dict`."""
     from megamod.inference.generate import Generator
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
 
     config = load_config(TINY_CONFIG, QUIET + overrides)
     tokenizer = load_tokenizer("tiny")

@@ -57,7 +57,7 @@ def world():
 
 
 def build(overrides: list[str], state_dict: dict | None = None):
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
 
     model = build_model(load_config(TINY_CONFIG, QUIET + overrides), load_tokenizer("tiny"))
     if state_dict is not None:

@@ -176,7 +176,8 @@ def test_tiny_llava_same_loss_and_gradients_as_upstream_attention(world, monkeyp
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megamod.models import specs
-    from megamod.training.loop import build_loader, build_model
+    from megamod.models.build import build_model
+    from megamod.training.loop import build_loader
 
     config = load_config(TINY_CONFIG, QUIET + overrides)
     tokenizer = load_tokenizer("tiny")

@@ -62,7 +62,7 @@ def world():
 
 def build(overrides: list[str], load: os.PathLike | None = None):
     from megamod.training.checkpoint import load_model_weights
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
 
     model = build_model(load_config(TINY_CONFIG, QUIET + overrides), load_tokenizer("tiny"))
     if load is not None:
@@ -200,7 +200,7 @@ def test_missing_input_exits_2_naming_it(tmp_path):
 def test_bad_input_exits_2_naming_the_file_and_writes_nothing(
     dense_ckpt, upcycled, tmp_path, capsys, case
 ):
-    from megamod.moe.upcycle import main
+    from megamod.cli.upcycle import main
 
     out = tmp_path / "out"
     source, freq, expected = {

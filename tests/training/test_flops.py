@@ -49,7 +49,7 @@ def samples(world):
 
 @pytest.mark.parametrize("overrides", [[], MOE, MOD, MOD + MOE], ids=["dense", "moe", "mod", "mod_moe"])
 def test_forward_flops_equal_torch_count(samples, overrides):
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
 
     config = load_config(TINY_CONFIG, QUIET + overrides)
     model = build_model(config, load_tokenizer("tiny")).eval()

@@ -13,13 +13,11 @@ this process as a world of one, and the routers' statistics are printed per MoE 
 and per modality (all / text / image tokens): each expert's share of the tokens, and the
 dropped fraction. With `--json` the report is one JSON object on the last line of stdout.
 
-`megamod inspect CONFIG.yaml --flops [--images N] [--text-tokens T] [--json]` prints a
+`megamod inspect CONFIG.yaml --flops [--images N] [--text-tokens T] [--json] [key=value ...]`
+prints a
 config's model FLOPs per sample (inference prefill and training) and its KV cache against
 the same config with MoD off (`megamod.training.flops`): p-MoD's efficiency, before
 training anything.
-
-Named `inspector`, not `inspect`, so that running a file of this package as a script
-cannot shadow the standard library's `inspect`.
 """
 
 from __future__ import annotations
@@ -30,11 +28,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megamod.config import CheckpointConfig, Config, MoEConfig, ParallelConfig
-from megamod.errors import CheckpointError, ConfigError, MegamodError
+from megamod.config import Config, MoEConfig
+from megamod.errors import CheckpointError, MegamodError
 from megamod.training.logging import silence_upstream_warnings
+
+if TYPE_CHECKING:
+    from megamod.data.tokenizer import Tokenizer
 
 # Model tensors by key prefix (LLaVA's attribute names); other keys are optimizer state.
 PARTS = {"vision_model.": "vision", "vision_projection.": "projector", "language_model.": "language"}
@@ -42,29 +43,6 @@ EXPERT_KEY = ".mlp.experts."  # megatron-core's MoELayer.experts, whatever the e
 
 
 # ------------------------------------------------------------------------------ summary
-
-
-def saved_config(save_dir: Path) -> Config:
-    """The config the latest checkpoint of `save_dir` was written with."""
-    from megamod.training import checkpoint
-
-    if not (save_dir / checkpoint.TRACKER_FILE).is_file():
-        problem = "does not exist" if not save_dir.exists() else f"has no {checkpoint.TRACKER_FILE}"
-        raise CheckpointError(
-            f"{save_dir} {problem}: give the checkpoint.save_dir of a training run (the "
-            f"folder that holds the iter_* folders)"
-        )
-    try:
-        config = checkpoint.saved_config(save_dir)
-    except ConfigError as e:
-        raise CheckpointError(
-            f"{save_dir} was saved with a config this version of megamod cannot read: {e}"
-        ) from None
-    if config is None:
-        raise CheckpointError(
-            f"{save_dir} predates checkpoints that carry their config: it cannot be inspected"
-        )
-    return config
 
 
 def describe(save_dir: Path, config: Config) -> dict[str, Any]:
@@ -151,46 +129,43 @@ def format_summary(summary: dict[str, Any], with_tensors: bool = False) -> str:
 # ------------------------------------------------------------------------------ routing
 
 
-def routing_config(saved: Config, shards: str) -> Config:
-    """The run's config, reading SHARDS as one process: no parallelism, no outputs."""
-    return dataclasses.replace(
-        saved,
-        parallel=ParallelConfig(),
-        data=dataclasses.replace(saved.data, train_shards=shards, mixture=[]),
-        checkpoint=CheckpointConfig(),
-        logging=dataclasses.replace(saved.logging, tensorboard_dir=None),
-    )
-
-
 def route(save_dir: Path, saved: Config, shards: str, batches: int) -> dict[str, Any]:
     """Run `batches` global batches of `shards` through the checkpoint's model (eval, no
     grad) as a world of one; returns the routers' statistics."""
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import one_process_config
     from megamod.parallel import world_of_one
+    from megamod.training.checkpoint import tokenizer_of
 
-    config = routing_config(saved, shards)
+    tokenizer = load_tokenizer(tokenizer_of(save_dir, saved))
+    config = one_process_config(saved, tokenizer.vocab_size)
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, train_shards=shards, mixture=[])
+    )
     with world_of_one(config.parallel, config.train.seed, "inspect --routing"):
-        return _route(save_dir, config, batches)
+        return _route(save_dir, config, tokenizer, batches)
 
 
-def _route(save_dir: Path, config: Config, batches: int) -> dict[str, Any]:
+def _route(save_dir: Path, config: Config, tokenizer: Tokenizer, batches: int) -> dict[str, Any]:
     import torch
-    from megatron.core.utils import unwrap_model
 
+    from megamod.data.loader import build_train_loader, prepare_tiny_shards
+    from megamod.models.build import build_model
     from megamod.moe.stats import MODALITIES
-    from megamod.training import checkpoint
-    from megamod.training.loop import setup
+    from megamod.training.checkpoint import load_model_weights
 
-    state = setup(config)
-    model = unwrap_model(state.model)
-    checkpoint.load_model_weights(save_dir, model)
+    model = build_model(config, tokenizer)
+    load_model_weights(save_dir, model)
     model.eval()
     stats = model.routing_stats
     stats.reset()
-    device = next(model.parameters()).device
-    with state.loader, torch.no_grad():
+    if config.data.train_shards == "tiny":
+        prepare_tiny_shards()
+    loader = build_train_loader(config, tokenizer, dp_rank=0, dp_size=1)
+    with loader, torch.no_grad():
         for _ in range(batches):
-            for batch in state.loader.next_step():
-                model(batch["tokens"].to(device), batch["images"].to(device))
+            for batch in loader.next_step():
+                model(batch["tokens"], batch["images"])
     tokens = stats.tokens[stats.moe_layers].cpu()  # [MoE layers, modality]
     return {
         "data": config.data.train_shards,
@@ -227,7 +202,10 @@ def flops_report(config: Config, images: int, text_tokens: int) -> dict[str, Any
     tokens, with the config's MoD and with MoD off."""
     from megamod.training.flops import Sample, kv_cache_bytes, sample_flops
 
-    vocab = config.model.language.vocab_size or _padded_vocab(config)
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import vocab_size
+
+    vocab = vocab_size(config, load_tokenizer(config.data.tokenizer).vocab_size)
     sample = Sample(images, images * config.model.vision.num_patches + text_tokens)
     dense = dataclasses.replace(config, mod=dataclasses.replace(config.mod, enabled=False))
     prefill = sample_flops(config, sample, vocab, training=False)
@@ -245,16 +223,6 @@ def flops_report(config: Config, images: int, text_tokens: int) -> dict[str, Any
         "kv_cache_bytes_dense": kv_dense,
         "kv_cache_ratio": kv / kv_dense,
     }
-
-
-def _padded_vocab(config: Config) -> int:
-    from megamod.data.tokenizer import load_tokenizer
-    from megamod.models.llava import padded_vocab_size
-
-    language = config.model.language
-    return padded_vocab_size(load_tokenizer(config.data.tokenizer).vocab_size,
-                             language.make_vocab_size_divisible_by,
-                             config.parallel.tensor_model_parallel_size)
 
 
 def format_flops(report: dict[str, Any]) -> str:
@@ -281,6 +249,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", type=Path,
                         help="a checkpoint.save_dir (holding latest_checkpointed_iteration.txt);"
                         " with --flops, a config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="with --flops: config overrides, as `megamod train` takes them")
     parser.add_argument("--tensors", action="store_true",
                         help="list the model's tensors with their shapes and dtypes")
     parser.add_argument("--json", action="store_true",
@@ -303,7 +273,8 @@ def _flops_main(args: argparse.Namespace) -> int:
     from megamod.config import load_config
 
     try:
-        report = flops_report(load_config(args.checkpoint), args.images, args.text_tokens)
+        config = load_config(args.checkpoint, args.overrides)
+        report = flops_report(config, args.images, args.text_tokens)
     except MegamodError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -319,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--routing and --data SHARDS go together")
     if args.batches < 1:
         parser.error("--batches must be >= 1")
+    if args.overrides and not args.flops:
+        parser.error("config overrides go with --flops")
     silence_upstream_warnings()  # before megatron-core is imported
     if args.flops:
         return _flops_main(args)
+    from megamod.training.checkpoint import saved_config
+
     try:
         config = saved_config(args.checkpoint)
         summary = describe(args.checkpoint, config)

@@ -1,5 +1,8 @@
 """Numeric precision: the one place where `precision.*` becomes megatron-core settings.
 
+Models, process-group setup and training all read it, so it sits below them; the fp16
+loss scaler, which drives the optimizer, is `megamod.training.loss_scaler`.
+
 - `params_dtype` fp32 | bf16 | fp16, through megatron-core's own mixed-precision path:
   `TransformerConfig.bf16/fp16` (the model is wrapped in `Float16Module`: parameters and
   activations in 16 bits, softmax in fp32, routers in `moe.router_dtype`), fp32 gradient
@@ -7,8 +10,9 @@
   `Float16OptimizerWithFloat16Params` (`OptimizerConfig.bf16/fp16`: Adam on fp32 main
   copies of the parameters). On CPU too: megamod.cpu_compat lets that optimizer take CPU
   tensors.
-- fp16 adds loss scaling (`loss_scaler`): megatron-core's `DynamicGradScaler` with
-  Megatron-LM's settings, or its `ConstantGradScaler` for a static `loss_scale`.
+- fp16 adds loss scaling (`megamod.training.loss_scaler`): megatron-core's
+  `DynamicGradScaler` with Megatron-LM's settings, or its `ConstantGradScaler` for a
+  static `loss_scale`.
 - fp8 (`fp8_fields`, `fp8_refusal`): transformer-engine's FP8 GEMMs in the decoder layers
   only. Everything outside the decoder's TE linear layers keeps `params_dtype`: the vision
   encoder and projector (their configs get no fp8 fields; 577 ViT tokens do not meet FP8
@@ -143,41 +147,3 @@ def _te_version() -> Optional[tuple[int, int]]:
         return None
     major, minor = transformer_engine.__version__.split(".")[:2]
     return int(major), int(minor)
-
-
-class LossScaler:
-    """The fp16 loss scale of megatron-core's optimizer, for the loop and the stability guard.
-
-    megatron-core scales the loss (the schedule calls `optimizer.scale_loss` through
-    `config.grad_scale_func`), and in `prepare_grads` unscales the gradients, backs the
-    scale off on an overflow and grows it after `loss_scale_window` clean steps. Each
-    chained optimizer (dense and expert parameters) holds its own scaler, updated alike.
-    """
-
-    def __init__(self, optimizer: Any) -> None:
-        from megatron.core.optimizer.grad_scaler import DynamicGradScaler
-
-        optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
-        self.scalers = [opt.grad_scaler for opt in optimizers]
-        self.dynamic = all(isinstance(s, DynamicGradScaler) for s in self.scalers)
-
-    @property
-    def value(self) -> float:
-        return self.scalers[0].scale.item()
-
-    def absorbs_overflow(self) -> bool:
-        """Whether an overflowing step is what dynamic loss scaling expects (the scale can
-        still come down), rather than a failure: not at the minimum, not a static scale."""
-        return self.dynamic and self.scalers[0].scale.item() > self.scalers[0].min_scale.item()
-
-    def back_off(self) -> None:
-        """megatron-core's own reaction to an overflow (`DynamicGradScaler.update`): after
-        `hysteresis` overflowing steps, halve the scale. The stability guard calls it when
-        any rank overflowed, so every rank's scale stays the same."""
-        for scaler in self.scalers:
-            scaler.update(True)
-
-
-def loss_scaler(config: Config, optimizer: Any) -> Optional[LossScaler]:
-    """The loss scaler of an fp16 run; None otherwise (bf16 and fp32 need none)."""
-    return LossScaler(optimizer) if config.precision.params_dtype == "fp16" else None
