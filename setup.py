@@ -20,6 +20,8 @@ setup(
         "braceexpand",  # data.train_shards brace patterns
         "tokenizers",
         "transformers",
+        "sentencepiece",  # Llama/Vicuna tokenizer.model folders (no tokenizer.json), as lmsys ships them
+        "protobuf",  # transformers reads tokenizer.model through it when converting to a fast tokenizer
         "safetensors",  # megamod convert reads and writes Hugging Face checkpoints
         "scikit-image",  # the bundled tiny data set's real images
         "tqdm",

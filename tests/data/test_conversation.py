@@ -1,16 +1,19 @@
 """Conversation templates: tokens and shifted labels checked token by token against
-sequences built by hand from `tokenizer.encode` of each template's pieces."""
+sequences built by hand from `tokenizer.encode` of each template's pieces (the tiny
+byte-level tokenizer tokenizes these pieces as it tokenizes the whole prompt). The official
+LLaVA code is the reference in test_official_llava.py."""
 
 import numpy as np
 import pytest
 
-from megamod.data.conversation import IGNORE_INDEX, encode_conversation
+from megamod.data.conversation import IGNORE_INDEX, encode_conversation, encode_prompt
 from megamod.data.tokenizer import load_tokenizer
 from megamod.errors import ConfigError, DataError
 
+# llava/conversation.py, conv_vicuna_v1.system
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 LLAMA3_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content "
@@ -52,16 +55,23 @@ def check(sample, tokens, labels, length, num_images):
     assert sample.length == length
 
 
-def test_plain_two_rounds(tok):
-    sample = encode_conversation(TWO_ROUNDS, "plain", tok, N_IMG, 40)
-    parts = [
-        (tok.bos_id, False), ("IMG", False),
-        ("It is a cat.", True), (tok.eos_id, True),
-        ("They are green.", True), (tok.eos_id, True),
-    ]  # fmt: skip
+def test_plain_caption(tok):
+    # preprocess_plain: <image> + caption + "\n" (conv_llava_plain.sep), the question dropped,
+    # no </s>; the caption and the "\n" take loss.
+    turns = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "It is a cat."}]
+    sample = encode_conversation(turns, "plain", tok, N_IMG, 40)
+    parts = [(tok.bos_id, False), ("IMG", False), ("It is a cat.\n", True)]
     check(sample, *expected(tok, parts, 40), num_images=1)
     # The first trained label sits on the last image token: it predicts the caption's first token.
     assert sample.labels[N_IMG] == tok.encode("It")[0] and (sample.labels[:N_IMG] == IGNORE_INDEX).all()
+    assert tok.eos_id not in sample.tokens[: sample.length]
+
+
+def test_plain_two_rounds(tok):
+    # Beyond LLaVA (one round only): each answer + "\n" trained, human turns give their images.
+    sample = encode_conversation(TWO_ROUNDS, "plain", tok, N_IMG, 40)
+    parts = [(tok.bos_id, False), ("IMG", False), ("It is a cat.\n", True), ("They are green.\n", True)]
+    check(sample, *expected(tok, parts, 40), num_images=1)
 
 
 def test_vicuna_v1_two_rounds(tok):
@@ -73,7 +83,38 @@ def test_vicuna_v1_two_rounds(tok):
     ]  # fmt: skip
     check(sample, *expected(tok, parts, 96), num_images=1)
     text = tok.decode(sample.tokens[: sample.length])
+    assert text.startswith("<s>" + VICUNA_SYSTEM + " USER: <image><image><image>\nWhat animal")
     assert text.endswith("ASSISTANT: It is a cat.</s>USER: What colour are its eyes? ASSISTANT: They are green.</s>")
+
+
+def test_vicuna_v1_prompt_is_the_training_prefix(tok):
+    # LLaVA's evaluation prompt: get_prompt() with the assistant's message None ends "ASSISTANT:".
+    ids = encode_prompt(TWO_ROUNDS[:1], "vicuna_v1", tok, N_IMG)
+    sample = encode_conversation(TWO_ROUNDS, "vicuna_v1", tok, N_IMG, 96)
+    assert tok.decode(ids).endswith("What animal is this? ASSISTANT:")
+    assert ids == sample.tokens[: len(ids)].tolist()
+    ids = encode_prompt(TWO_ROUNDS[:3], "vicuna_v1", tok, N_IMG)
+    assert tok.decode(ids).endswith("</s>USER: What colour are its eyes? ASSISTANT:")
+    assert ids == sample.tokens[: len(ids)].tolist()
+
+
+def test_single_image_moves_to_the_front(tok):
+    # preprocess_multimodal: "<image>\n" + the rest of the turn with <image> removed, stripped.
+    for value in ("What animal is this?\n<image>", "  What animal <image>is this?  ", "<image>What animal is this?"):
+        moved = [{"from": "human", "value": value}, TWO_ROUNDS[1]]
+        for template in ("plain", "vicuna_v1", "llama3"):
+            a = encode_conversation(moved, template, tok, N_IMG, 128)
+            b = encode_conversation(TWO_ROUNDS[:2], template, tok, N_IMG, 128)
+            assert (a.tokens == b.tokens).all() and (a.labels == b.labels).all(), (value, template)
+
+
+def test_leading_gpt_turn_is_dropped_and_turns_must_alternate(tok):
+    # preprocess_v1 skips a first turn that is not from the human, and asserts alternation.
+    a = encode_conversation([{"from": "gpt", "value": "Hello."}, *TWO_ROUNDS], "vicuna_v1", tok, N_IMG, 96)
+    b = encode_conversation(TWO_ROUNDS, "vicuna_v1", tok, N_IMG, 96)
+    assert (a.tokens == b.tokens).all() and (a.labels == b.labels).all()
+    with pytest.raises(DataError, match="alternating"):
+        encode_conversation([TWO_ROUNDS[0], TWO_ROUNDS[2], TWO_ROUNDS[1]], "vicuna_v1", tok, N_IMG, 96)
 
 
 def test_llama3_two_rounds(tok):
@@ -82,14 +123,49 @@ def test_llama3_two_rounds(tok):
     def header(role):
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
-    parts = [
-        (tok.bos_id, False), (header("system") + LLAMA3_SYSTEM + "<|eot_id|>" + header("user"), False),
-        ("IMG", False), ("\nWhat animal is this?<|eot_id|>" + header("assistant"), False),
-        ("It is a cat.", True), ("<|eot_id|>", True),
-        (header("user") + "What colour are its eyes?<|eot_id|>" + header("assistant"), False),
-        ("They are green.", True), ("<|eot_id|>", True),
-    ]  # fmt: skip
-    check(sample, *expected(tok, parts, 128), num_images=1)
+    # Each text between images is tokenized whole ("\n\nIt" is not "\n\n" + "It" for tiny).
+    before = header("system") + LLAMA3_SYSTEM + "<|eot_id|>" + header("user")
+    after = (
+        "\nWhat animal is this?<|eot_id|>" + header("assistant") + "It is a cat.<|eot_id|>"
+        + header("user") + "What colour are its eyes?<|eot_id|>" + header("assistant") + "They are green.<|eot_id|>"
+    )  # fmt: skip
+    ids = [tok.bos_id] + tok.encode(before) + [tok.image_token_id] * N_IMG + tok.encode(after)
+    assert sample.tokens[: sample.length].tolist() == ids and sample.num_images == 1 and not sample.truncated
+    # Trained: each answer and its <|eot_id|>, nothing else.
+    labels = sample.labels[: sample.length]
+    trained = labels != IGNORE_INDEX
+    runs = np.split(labels, np.flatnonzero(np.diff(trained)) + 1)
+    assert [tok.decode(r.tolist()) for r in runs if r[0] != IGNORE_INDEX] == [
+        "It is a cat.<|eot_id|>", "They are green.<|eot_id|>"
+    ]
+    assert (labels[trained] == sample.tokens[1 : sample.length][trained[: sample.length - 1]]).all()
+
+
+# Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def test_llama3_is_the_llama3_chat_format(tok):
+    turns = [
+        {"from": "human", "value": "What is a galaxy?  "},
+        {"from": "gpt", "value": " A huge group of stars.\n"},
+        {"from": "human", "value": "Name one."},
+        {"from": "gpt", "value": "The Milky Way."},
+    ]
+    messages = [{"role": "system", "content": LLAMA3_SYSTEM}]
+    messages += [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]} for t in turns]
+    sample = encode_conversation(turns, "llama3", tok, N_IMG, 128)
+    want = tok.hf.apply_chat_template(messages, chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=False)
+    assert tok.decode(sample.tokens[: sample.length]) == want
+    prompt = tok.hf.apply_chat_template(
+        messages[:2], chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert tok.decode(encode_prompt(turns[:1], "llama3", tok, N_IMG)) == prompt
 
 
 def test_user_assistant_roles_are_aliases(tok):
@@ -101,6 +177,7 @@ def test_user_assistant_roles_are_aliases(tok):
 
 
 def test_multi_image_runs_stay_in_place(tok):
+    # Two or more images in a turn: left where they are, text unstripped (LLaVA-NeXT).
     turns = [
         {"from": "human", "value": "First <image> then <image>\nSame?"},
         {"from": "gpt", "value": "No."},
@@ -113,7 +190,7 @@ def test_multi_image_runs_stay_in_place(tok):
     check(sample, *expected(tok, parts, 80), num_images=2)
     # plain keeps both images (the human's text is dropped) and trains the answer only.
     plain = encode_conversation(turns, "plain", tok, N_IMG, 20)
-    parts = [(tok.bos_id, False), ("IMG", False), ("IMG", False), ("No.", True), (tok.eos_id, True)]
+    parts = [(tok.bos_id, False), ("IMG", False), ("IMG", False), ("No.\n", True)]
     check(plain, *expected(tok, parts, 20), num_images=2)
 
 
@@ -131,7 +208,7 @@ def test_text_only(tok):
 def test_truncation_never_splits_an_image_run(tok):
     turns = [{"from": "human", "value": "<image>\n<image>\n"}, {"from": "gpt", "value": "Two pictures."}]
     full = encode_conversation(turns, "plain", tok, N_IMG, 32)
-    assert full.length > 1 + 2 * N_IMG and not full.truncated  # <s>, 2 runs, answer, </s>
+    assert full.length > 1 + 2 * N_IMG and not full.truncated  # <s>, 2 runs, answer, "\n"
     # seq_length 5 ends inside the second run (positions 4..6): it is dropped whole.
     cut = encode_conversation(turns, "plain", tok, N_IMG, 5)
     assert cut.truncated and cut.num_images == 1 and cut.length == 1 + N_IMG

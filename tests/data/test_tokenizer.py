@@ -1,8 +1,10 @@
 """The tiny tokenizer asset, its special tokens, and loading local Hugging Face tokenizers."""
 
+import importlib.util
 import json
 
 import pytest
+import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -20,7 +22,7 @@ def tiny():
 def test_shipped_asset_matches_retraining():
     retrained = json.loads(train_tiny_tokenizer(tokenizer_corpus()).to_str())
     shipped = json.loads(TINY_TOKENIZER_PATH.read_text())
-    assert retrained == shipped, "tiny_tokenizer.json is stale: run `python -m megamod.data.tokenizer`"
+    assert retrained == shipped, "tiny_tokenizer.json is stale: run `python -m megamod.data.tiny`"
 
 
 def test_tiny_ids_and_size(tiny):
@@ -86,3 +88,53 @@ def test_missing_path_is_data_error(tmp_path):
         load_tokenizer(str(tmp_path / "no_such_dir"))
     with pytest.raises(DataError, match="cannot load a Hugging Face tokenizer"):
         load_tokenizer(str(tmp_path))  # exists, but holds no tokenizer
+
+
+# --- A Llama/Vicuna-style SentencePiece folder (tokenizer.model, no tokenizer.json) ---
+
+
+def test_sentencepiece_folder_loads(llama_sp_tokenizer):
+    assert sorted(p.name for p in llama_sp_tokenizer.iterdir()) == [
+        "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"
+    ]  # fmt: skip
+    tok = load_tokenizer(str(llama_sp_tokenizer))
+    sp = spm.SentencePieceProcessor(model_file=str(llama_sp_tokenizer / "tokenizer.model"))
+    assert (tok.bos_id, tok.eos_id) == (1, 2) == (sp.bos_id(), sp.eos_id())
+    assert tok.pad_id == 0 == sp.unk_id() and tok.hf.pad_token_id is None  # no pad: falls back to unk
+    assert tok.image_token_id == sp.get_piece_size() and tok.vocab_size == sp.get_piece_size() + 1
+    assert tok.dummy_prefix
+    text = "USER: <image>\nWhat is in the photo? ASSISTANT: A cup of espresso.</s>"
+    ids = tok.encode(text)
+    assert ids.count(tok.image_token_id) == 1 and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == text
+    unseen = "Zebras & quokkas: 42°C!"  # byte fallback: no unknown tokens
+    assert tok.decode(tok.encode(unseen)) == unseen and tok.pad_id not in tok.encode(unseen)
+
+
+def test_sentencepiece_folder_encodes_as_sentencepiece(llama_sp_tokenizer):
+    """Against the sentencepiece library itself (texts without special tokens), including
+    texts that start with a space, where transformers' converted tokenizer alone would
+    leave out the dummy prefix."""
+    tok = load_tokenizer(str(llama_sp_tokenizer))
+    sp = spm.SentencePieceProcessor(model_file=str(llama_sp_tokenizer / "tokenizer.model"))
+    texts = [t.replace("<image>", "") for t in tokenizer_corpus()]
+    texts += [" " + t for t in texts] + ["  two spaces", " ", "\nnewline first", "a  b   c", "Zebras 42°C! 中文"]
+    for text in texts:
+        assert tok.encode(text) == sp.encode(text), repr(text)
+    assert tok.hf.convert_ids_to_tokens(tok.encode(" It")) != tok.hf.convert_ids_to_tokens(tok.encode("It"))
+
+
+def test_sentencepiece_folder_without_sentencepiece_says_what_to_install(llama_sp_tokenizer, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real_find_spec(name, *a)
+    )
+    with pytest.raises(DataError, match="SentencePiece model.*sentencepiece package: pip install sentencepiece$"):
+        load_tokenizer(str(llama_sp_tokenizer))
+
+
+def test_unloadable_folder_lists_its_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"holds config.json, notes.txt; .*needs tokenizer.json, or a SentencePiece"):
+        load_tokenizer(str(tmp_path))
