@@ -72,7 +72,10 @@ def dist_env_from(environ: os._Environ | dict) -> DistEnv:
             # A port derived from the job id lets several jobs share a node.
             master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", 29500)))
+    # No launcher: a port of our own (a fixed default collides with any other one-process
+    # run on the machine), unless the user set one.
+    port = int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else free_port()
+    return DistEnv(0, 1, 0, "127.0.0.1", port)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -100,6 +103,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How `world_size` ranks split into megatron-core's groups: the sizes of a rank's
+    groups (tensor, pipeline, data; and for experts: expert, expert-tensor, expert-data)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    expert_dp: int
+
+
+def parallel_layout(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
+    """`parallel`'s layout over `world_size` ranks, as `initialize_model_parallel` builds
+    it; ConfigError when the ranks do not split into its groups. Pure: `megamod train
+    --dry-run` checks a world of N ranks with it, without starting one."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size or tp
+    if world_size % (tp * pp) or world_size % (ep * etp * pp):
+        raise ConfigError(
+            f"{world_size} processes cannot be split into tensor_model_parallel_size="
+            f"{tp} x pipeline_model_parallel_size={pp} groups, or into "
+            f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} x "
+            f"pipeline_model_parallel_size={pp} groups: change parallel.* or the process count"
+        )
+    return ParallelLayout(world_size, tp, pp, world_size // (tp * pp), ep, etp,
+                          world_size // (ep * etp * pp))
+
+
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     """Create the default process group and megatron-core's parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
@@ -110,15 +144,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     )
 
     env = dist_env_from(os.environ)
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_parallel_size or tp
-    if env.world_size % (tp * pp) or env.world_size % (ep * etp * pp):
-        raise ConfigError(
-            f"{env.world_size} processes cannot be split into tensor_model_parallel_size="
-            f"{tp} x pipeline_model_parallel_size={pp} groups, or into "
-            f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} x "
-            f"pipeline_model_parallel_size={pp} groups: change parallel.* or the process count"
-        )
+    parallel_layout(parallel, env.world_size)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         backend = "nccl"

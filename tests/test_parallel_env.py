@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import pytest
 
 from megamod.parallel import dist_env_from, first_slurm_host
@@ -34,3 +37,19 @@ def test_slurm_env():
 def test_single_process_default():
     env = dist_env_from({})
     assert (env.rank, env.world_size, env.local_rank) == (0, 1, 0)
+    assert dist_env_from({"MASTER_PORT": "4321"}).master_port == 4321
+
+
+def test_single_process_picks_a_free_port_not_torchruns_default():
+    """Two one-process runs on one machine (or one beside a test) must not collide."""
+    with contextlib.ExitStack() as stack:
+        try:  # hold torchrun's default port, unless someone else already does
+            busy = stack.enter_context(socket.socket())
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass
+        port = dist_env_from({}).master_port
+        assert port != 29500
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))

@@ -205,7 +205,9 @@ def flops_report(config: Config, images: int, text_tokens: int) -> dict[str, Any
     from megamod.data.tokenizer import load_tokenizer
     from megamod.models.build import vocab_size
 
-    vocab = vocab_size(config, load_tokenizer(config.data.tokenizer).vocab_size)
+    # A config that fixes its vocabulary needs no tokenizer folder for the arithmetic.
+    tokens = config.model.language.vocab_size or load_tokenizer(config.data.tokenizer).vocab_size
+    vocab = vocab_size(config, tokens)
     sample = Sample(images, images * config.model.vision.num_patches + text_tokens)
     dense = dataclasses.replace(config, mod=dataclasses.replace(config.mod, enabled=False))
     prefill = sample_flops(config, sample, vocab, training=False)
@@ -285,7 +287,7 @@ def _flops_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`megamod inspect`: 0 on success, 2 (one-line message on stderr) on bad input."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.routing != (args.data is not None):
         parser.error("--routing and --data SHARDS go together")
     if args.batches < 1:

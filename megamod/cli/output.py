@@ -13,7 +13,10 @@ from megamod.errors import CheckpointError
 
 def check_output(output: Path, inputs: list[Path], force: bool) -> None:
     """Refuse an `output` that is, holds or lies inside an input (replacing it would
-    delete the input), and an existing one unless `force`."""
+    delete the input), a save_dir a job is training into, and an existing one unless
+    `force`."""
+    from megamod.training.checkpoint import lock_holder
+
     out = output.resolve()
     for given in inputs:
         source = given.resolve()
@@ -22,6 +25,12 @@ def check_output(output: Path, inputs: list[Path], force: bool) -> None:
                 f"--output {output} overlaps the input {given} (replacing it would delete "
                 f"the input): write to a folder outside it"
             )
+    holder = lock_holder(output)
+    if holder is not None:
+        raise CheckpointError(
+            f"--output {output} is the checkpoint.save_dir of a running job ({holder}): "
+            f"wait for it to end, or write elsewhere"
+        )
     if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
         raise CheckpointError(
             f"--output {output} exists and is not empty: choose another path or pass "

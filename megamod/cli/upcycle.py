@@ -72,8 +72,8 @@ def upcycle(
     from megamod.training.checkpoint import load_model_weights, save_checkpoint, tokenizer_of
 
     start = time.perf_counter()
-    saved = _read_dense_config(input_dir)
     check_output(output, [input_dir], force)
+    saved = _read_dense_config(input_dir)
     seed = saved.train.seed if seed is None else seed
     tokenizer = load_tokenizer(tokenizer_of(input_dir, saved))
     dense_config = one_process_config(saved, tokenizer.vocab_size)

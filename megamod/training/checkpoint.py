@@ -270,10 +270,10 @@ def saved_config(load_dir: str | Path) -> Config:
     cannot be read by this version of megamod."""
     load_dir = Path(load_dir)
     if not (load_dir / TRACKER_FILE).is_file():
-        problem = "does not exist" if not load_dir.exists() else f"has no {TRACKER_FILE}"
+        missing = load_dir / TRACKER_FILE if load_dir.exists() else load_dir
         raise CheckpointError(
-            f"{load_dir} {problem}: give the checkpoint.save_dir of a training run (the "
-            f"folder that holds the iter_* folders)"
+            f"{missing} does not exist: give the checkpoint.save_dir of a training run (the "
+            f"folder that holds {TRACKER_FILE} and the iter_* folders)"
         )
     ckpt_dir = iteration_dir(load_dir, read_latest_iteration(load_dir))
     check_intact(ckpt_dir)
@@ -339,6 +339,21 @@ def check_moe_layout(load_dir: str | Path, config: Config) -> None:
         + ", ".join(f"{k} is {_yaml(theirs[k])} there but {_yaml(ours[k])} here" for k in wrong)
         + f". Set {fixes}{hint}"
     )
+
+
+def check_resume_matches(load_dir: str | Path, config: Config) -> None:
+    """Refuse a full resume whose config turns MoD on or off: the routers would be dropped
+    (or start at zero mid-run) and the next save would no longer resume with the other
+    setting. A new stage from the weights (`checkpoint.finetune=true`) may change it."""
+    saved = saved_config(load_dir).mod.enabled
+    if saved != config.mod.enabled:
+        raise CheckpointError(
+            f"checkpoint {load_dir} was trained with mod.enabled={_yaml(saved).lower()}: "
+            f"resuming it with mod.enabled={_yaml(config.mod.enabled).lower()} would "
+            f"{'drop its MoD routers' if saved else 'add untrained MoD routers mid-run'}. Set "
+            f"mod.enabled={_yaml(saved).lower()}, or checkpoint.finetune=true to start a new "
+            f"stage from its weights"
+        )
 
 
 def _yaml(value: Any) -> str:
@@ -452,6 +467,23 @@ class SaveDirLock:
             os.ftruncate(self._fd, 0)  # no holder to name any more
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def lock_holder(save_dir: str | Path) -> str | None:
+    """Who holds `save_dir`'s lock (a job training into it), or None if no one does."""
+    path = Path(save_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while a job holds it
+    except BlockingIOError:
+        return _describe(os.pread(fd, 4096, 0).decode(errors="replace").strip())
+    except OSError:  # a file system without flock: no job can hold it either
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock taken, if any
+    return None
 
 
 def _holder() -> dict[str, Any]:

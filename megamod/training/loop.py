@@ -120,8 +120,10 @@ def moe_metrics(
     return scalars, images
 
 
-def check_batch_split(config: Config) -> None:
-    train, dp = config.train, parallel_state.get_data_parallel_world_size()
+def check_batch_split(config: Config, dp: int) -> None:
+    """Refuse a global batch that `dp` data-parallel ranks cannot split into whole
+    micro-batches (pure: `--dry-run` checks the DP size of N ranks)."""
+    train = config.train
     if train.global_batch_size % (train.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} must be a multiple of "
@@ -132,7 +134,7 @@ def check_batch_split(config: Config) -> None:
 def setup(config: Config) -> TrainState:
     """Model, optimizer, schedule and data, resumed or initialised from the checkpoint
     `checkpoint.start_from` picks (the save_dir's own, else `checkpoint.load`)."""
-    check_batch_split(config)
+    check_batch_split(config, parallel_state.get_data_parallel_world_size())
     check_device_support(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     load_dir, finetune = checkpoint.start_from(config.checkpoint)
@@ -158,6 +160,7 @@ def setup(config: Config) -> TrainState:
         optimizer.reload_model_params()
         logger.info(f"loaded model weights from {load_dir} (finetune: fresh optimizer and data)")
     elif load_dir is not None:
+        checkpoint.check_resume_matches(load_dir, config)
         state.iteration, data_state = checkpoint.load_checkpoint(
             load_dir, model, optimizer, scheduler
         )

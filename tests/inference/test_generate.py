@@ -215,3 +215,39 @@ def test_a_save_dir_carries_its_hugging_face_tokenizer(tmp_path):
     text = "USER: <image>\nWhat is in the picture? ASSISTANT:"
     assert load_tokenizer(copy).encode(text) == load_tokenizer("tiny").encode(text)
     assert load_tokenizer(copy).image_token_id == load_tokenizer("tiny").image_token_id
+
+
+def test_a_vicuna_style_tokenizer_trains_in_bf16_at_tp2_and_generates(llama_sp_tokenizer, tmp_path):
+    """The real kind of tokenizer end to end: a SentencePiece tokenizer.model folder (no
+    tokenizer.json) trains in bf16 at TP=2 (its 32,000-like vocabulary + <image>, padded for
+    TP), the save_dir keeps a copy, and generation from the save_dir alone prompts with the
+    ids the template gives and answers in that tokenizer's vocabulary."""
+    import shutil
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from megamod.data.conversation import encode_prompt
+
+    folder = tmp_path / "vicuna-like"
+    shutil.copytree(llama_sp_tokenizer, folder)
+    megamod_train(2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                      "precision.params_dtype=bf16", f"data.tokenizer={folder}",
+                      "train.train_iters=2", "checkpoint.save_interval=null",
+                      "logging.tensorboard_dir=null", f"checkpoint.save_dir={tmp_path}/ckpt"],
+                  cwd=tmp_path)
+    tokenizer = load_tokenizer(str(folder))
+    shutil.rmtree(folder)  # generation must need nothing but the save_dir
+    Image.fromarray(np.asarray(skimage.data.chelsea())).save(tmp_path / "cat.png")
+    result = generate("--checkpoint", "ckpt", "--image", "cat.png", "--prompt", "What animal is this?",
+                      "--max-new-tokens", 4, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.splitlines()[-1])
+    config = load_config(TINY_CONFIG)
+    prompt = encode_prompt([{"from": "human", "value": "<image>\nWhat animal is this?"}], "vicuna_v1",
+                           tokenizer, config.model.vision.num_patches)
+    assert answer["prompt_tokens"] == len(prompt)
+    assert all(0 <= t < tokenizer.vocab_size for t in answer["tokens"])
+    assert answer["text"] == tokenizer.decode(
+        [t for t in answer["tokens"] if t != tokenizer.eos_id], skip_special_tokens=True)

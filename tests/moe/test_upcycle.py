@@ -192,7 +192,7 @@ def test_missing_input_exits_2_naming_it(tmp_path):
     result = run(upcycle_command("--input", str(missing), "--output", str(tmp_path / "out"),
                                  "--num-experts", "4", "--layer-freq", "2"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert f"{missing}/latest_checkpointed_iteration.txt" in result.stderr
+    assert f"{missing} does not exist" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

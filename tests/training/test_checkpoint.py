@@ -112,6 +112,19 @@ def test_finetune_starts_a_new_stage_from_the_weights(run_a, tmp_path):
     assert losses[1] < fresh[1] - 1.0, "the loaded weights should already fit the data"
 
 
+def test_a_resume_that_turns_mod_on_is_refused_and_writes_nothing(run_a, tmp_path):
+    """Resuming (not finetuning) with another mod.enabled would drop or add the routers
+    mid-run: exit 2 naming the key, the save_dir untouched."""
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(run_a / "ckpt", save_dir)
+    before = sorted(p.name for p in save_dir.iterdir())
+    result = run([sys.executable, "-m", "megamod", "train", str(TINY_CONFIG), "mod.enabled=true",
+                  f"checkpoint.save_dir={save_dir}", "logging.tensorboard_dir=null"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "mod.enabled=false" in result.stderr and "checkpoint.finetune=true" in result.stderr
+    assert sorted(p.name for p in save_dir.iterdir()) == before
+
+
 def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
     torchrun(2, [WORKER, "logits", str(tmp_path), str(run_a / "ckpt")], cwd=tmp_path)
     tp2, tp1 = torch.load(tmp_path / "logits_tp2.pt"), torch.load(tmp_path / "logits_tp1.pt")

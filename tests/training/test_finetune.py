@@ -20,7 +20,8 @@ from megamod.config import CheckpointConfig
 from megamod.training import checkpoint, loop
 from tests.launcher import world_of_one
 
-QUIET = ["logging.tensorboard_dir=null", "checkpoint.save_dir=null", "train.train_iters=1"]
+QUIET = ["logging.tensorboard_dir=null", "checkpoint.save_dir=null",
+         "checkpoint.save_interval=null", "train.train_iters=1"]
 FRESH = (".mod_router.", ".mlp.router.")  # parameters the later stage adds
 
 
