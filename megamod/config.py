@@ -23,9 +23,11 @@ import yaml
 
 from megamod.errors import ConfigError
 
-# `moe`: the experts and routers of the MoE layers (MoE-LLaVA stage 3 trains only these);
-# `language` covers the whole decoder, experts included.
-TRAINABLE_PARTS = ("vision", "projector", "language", "moe")
+# `moe`: the experts and routers of the MoE layers; `ffn`: every decoder layer's FFN (the
+# dense MLPs and the MoE layers' experts, not their routers); `router`: the MoE routers
+# (MoE-LLaVA's stage 3 trains `[ffn, router, projector]`); `language` covers the whole
+# decoder, experts and routers included.
+TRAINABLE_PARTS = ("vision", "projector", "language", "moe", "ffn", "router")
 
 
 def _require_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
@@ -152,8 +154,18 @@ class MoEConfig:
     # None: dropless. Otherwise each expert takes at most capacity_factor x its fair share
     # of tokens per micro-batch (MoE-LLaVA trains with 1.5); the rest skip the experts.
     capacity_factor: Optional[float] = None
-    # Which tokens an over-full expert drops: the lowest router probabilities or the last.
+    # The capacity factor while the model is not training (`model.eval()`: evaluation,
+    # generation), as DeepSpeed's `eval_capacity_factor`; None = dropless there. MoE-LLaVA
+    # evaluates with 2.0, which drops nothing with 4 experts and top-2.
+    eval_capacity_factor: Optional[float] = None
+    # Which tokens an over-full expert drops (gate `megatron`): the lowest router
+    # probabilities or the last.
     token_drop_policy: Literal["probs", "position"] = "probs"
+    # `megatron`: megatron-core's TopKRouter. `deepspeed_top2`: MoE-LLaVA's gate, DeepSpeed
+    # 0.9.5's top2gating (second expert drawn with Gumbel noise, capacity and dropping in
+    # DeepSpeed's token order over the whole micro-batch, weights renormalised after a drop,
+    # aux loss over first choices): megamod.moe.deepspeed_gate.
+    gate: Literal["megatron", "deepspeed_top2"] = "megatron"
     pad_expert_input_to_capacity: bool = False
     token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     router_dtype: Literal["fp32", "fp64"] = "fp32"
@@ -185,6 +197,38 @@ class MoEConfig:
             raise ConfigError(
                 "moe.pad_expert_input_to_capacity=true needs moe.capacity_factor: set one"
             )
+        self._check_eval_capacity_and_gate()
+
+    def _check_eval_capacity_and_gate(self) -> None:
+        factor = self.eval_capacity_factor
+        if factor is not None and factor <= 0:
+            raise ConfigError(
+                f"moe.eval_capacity_factor={factor} must be > 0 (null = dropless at evaluation)"
+            )
+        if factor is not None and self.capacity_factor is None:
+            # megatron-core's dispatchers size their buffers for dropless routing then.
+            raise ConfigError(
+                f"moe.eval_capacity_factor={factor} needs moe.capacity_factor (training "
+                "dropless, evaluation dropping is not supported): set one, or null both"
+            )
+        if self.pad_expert_input_to_capacity and factor != self.capacity_factor:
+            raise ConfigError(
+                "moe.pad_expert_input_to_capacity=true pads every forward to "
+                f"moe.capacity_factor={self.capacity_factor}'s capacity: set "
+                f"moe.eval_capacity_factor to the same value (it is {factor})"
+            )
+        if self.gate == "deepspeed_top2":
+            if self.router_topk != 2:
+                raise ConfigError(
+                    f"moe.gate=deepspeed_top2 routes to 2 experts: set moe.router_topk=2 "
+                    f"(it is {self.router_topk})"
+                )
+            if self.pad_expert_input_to_capacity:
+                raise ConfigError(
+                    "moe.gate=deepspeed_top2 caps experts per micro-batch, not per rank, so a "
+                    "rank's expert inputs have no fixed size: set "
+                    "moe.pad_expert_input_to_capacity=false"
+                )
 
     def layer_pattern(self, num_layers: int) -> list[int]:
         """1 (MoE) or 0 (dense) per decoder layer; all 0 for a dense model."""
@@ -348,6 +392,18 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
+    # Activation recomputation in the decoder (Megatron-LM's flags; megatron-core does it,
+    # megamod.models.transformer_configs maps them). null: off. `full`: whole layers, their
+    # input alone kept, rerun in backward; `recompute_method` `uniform` checkpoints the
+    # layers in groups of `recompute_num_layers`, `block` only the first
+    # `recompute_num_layers` layers. `selective`: every layer's `recompute_modules`
+    # (default [core_attn]): core_attn, mlp (dense MLPs), moe (whole MoE layers), and with
+    # transformer-engine moe_act (the grouped-GEMM experts' activation) and layernorm.
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list[Literal["core_attn", "mlp", "moe", "moe_act", "layernorm",
+                                             "mla_up_proj", "shared_experts"]]] = None
     # Which parts train; the others are frozen (no gradients, no optimizer state).
     trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "language"])
 
@@ -372,11 +428,58 @@ class TrainConfig:
             )
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise ConfigError("train.lr_warmup_fraction must be in [0, 1)")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        """megatron-core's TransformerConfig rules, named by our keys; what needs the model
+        (layer count, MoE, grouped GEMM) is checked where it is mapped."""
+        granularity = self.recompute_granularity
+        if granularity != "full":
+            for key in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"train.{key}={getattr(self, key)} applies to "
+                        f"train.recompute_granularity=full only (it is "
+                        f"{granularity or 'null'}): set recompute_granularity=full or drop {key}"
+                    )
+        if granularity != "selective" and self.recompute_modules is not None:
+            raise ConfigError(
+                f"train.recompute_modules={self.recompute_modules} applies to "
+                f"train.recompute_granularity=selective only (it is {granularity or 'null'}): "
+                "set recompute_granularity=selective or drop recompute_modules"
+            )
+        if granularity == "full":
+            if self.recompute_method is None:
+                raise ConfigError(
+                    "train.recompute_granularity=full needs train.recompute_method: uniform "
+                    "(every layer, in groups of recompute_num_layers) or block (the first "
+                    "recompute_num_layers layers)"
+                )
+            if self.recompute_num_layers is None or self.recompute_num_layers < 1:
+                raise ConfigError(
+                    f"train.recompute_granularity=full needs train.recompute_num_layers >= 1 "
+                    f"(it is {self.recompute_num_layers}): layers per recomputed group "
+                    "(uniform) or layers recomputed (block)"
+                )
+        if granularity == "selective" and self.recompute_modules is not None:
+            if not self.recompute_modules:
+                raise ConfigError(
+                    "train.recompute_modules is empty: name a module (e.g. [core_attn]) or set "
+                    "train.recompute_granularity=null"
+                )
+            absent = {"mla_up_proj": "multi-latent attention",
+                      "shared_experts": "shared experts in its MoE layers"}
+            for module, what in absent.items():
+                if module in self.recompute_modules:
+                    raise ConfigError(
+                        f"train.recompute_modules names {module}, but megamod's decoder has no "
+                        f"{what}: drop it"
+                    )
 
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats (megamod.training.precision maps them onto megatron-core). Names are
+    """Numeric formats (megamod.precision maps them onto megatron-core). Names are
     Megatron-LM's flags (`--fp8-format` is `fp8`)."""
 
     # Parameters and activations; optimizer main params and gradient reduction stay fp32.
@@ -596,11 +699,12 @@ class Config:
                     f"parallel.expert_model_parallel_size={ep} needs MoE layers: set "
                     "moe.num_experts or expert_model_parallel_size=1"
                 )
-            if "moe" in self.train.trainable:
-                raise ConfigError(
-                    "train.trainable names 'moe' but the model has no MoE layers: set "
-                    "moe.num_experts or drop 'moe'"
-                )
+            for part in ("moe", "router"):
+                if part in self.train.trainable:
+                    raise ConfigError(
+                        f"train.trainable names '{part}' but the model has no MoE layers: set "
+                        f"moe.num_experts or drop '{part}'"
+                    )
             return
         if moe.num_experts % ep:
             raise ConfigError(

@@ -28,6 +28,15 @@ Costs per MoD layer: two all-gathers of [s or K, b, h] forward, two reduce-scatt
 backward, no host synchronisation (the per-sample vision counts come from the host once per
 micro-batch, `MicroBatchInfo.vision_per_sample`), no Python loop over samples or tokens.
 
+Activation recomputation (`train.recompute_*`) is megatron-core's. `full`: the block
+checkpoints whole layers, this one with them; in backward the layer reruns from its saved
+input, selection included: a deterministic function of that input (any noise a MoE gate
+draws comes from the RNG state the checkpoint restores), so the rerun keeps the same tokens
+and routes them the same way, and the statistics are recorded in the first pass only
+(`MoDStats`, `RoutingStats`). `selective`: the kept tokens run upstream's
+`_forward_attention` and `_forward_mlp`, so core attention, the norms and a dense MLP are
+recomputed as in a plain layer; a MoE layer recomputes itself (`moe`).
+
 Inference (`megamod.inference`, TP=1): at prefill a MoD layer keeps tokens as in training
 and caches the keys and values of those only, in a cache of its own; decode tokens are
 text and run every layer against that cache (p-MoD section 3.4). Unlike the official code,
@@ -51,7 +60,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megamod.models.micro_batch import MicroBatchInfo
+from megamod.micro_batch import MicroBatchInfo
 from megamod.mod.router import TokenRouter, WeightNorm
 from megamod.mod.stats import MoDStats
 
@@ -138,6 +147,8 @@ class MoDTransformerLayer(TransformerLayer):
         # Attached by the model after it is built; without them this is a plain layer.
         self.micro_batch: Optional[MicroBatchInfo] = None
         self.stats: Optional[MoDStats] = None
+        # STRing's weight per kept slot [K, b], while `_forward_kept` runs the MLP.
+        self._mlp_weight: Optional[torch.Tensor] = None
 
     def forward(self, hidden_states: torch.Tensor, rotary_pos_emb=None, **kwargs: Any):
         info = self.micro_batch
@@ -189,16 +200,32 @@ class MoDTransformerLayer(TransformerLayer):
         valid: torch.Tensor,
         **attention_kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        """The layer on the kept slots `index` [K, b] of x_full: STRing's outputs [K, b, h]."""
+        """The layer on the kept slots `index` [K, b] of x_full: STRing's outputs [K, b, h].
+
+        Attention and MLP are upstream's `_forward_attention` and `_forward_mlp`, so
+        `train.recompute_*` applies to them as to a plain layer (core attention, norms and
+        a dense MLP recomputed by megatron-core); `_forward_post_mlp` weights the MLP's
+        output by w before the residual add."""
         h, context = self._forward_attention(_gather_seq(x_full, index), **attention_kwargs)
         slot_is_image = _gather_seq(self.micro_batch.token_is_image, index) & valid
         modality = slot_is_image.long().masked_fill(~valid, -1)  # MoE routers: padding not counted
-        with self.micro_batch.routing(modality.reshape(-1)):
-            f, bias = self.mlp(self._forward_pre_mlp_layernorm(h))
+        self._mlp_weight = torch.where(slot_is_image, _gather_seq(weights, index), 1.0)
+        try:
+            with self.micro_batch.routing(modality.reshape(-1)):
+                return self._forward_mlp(h), context
+        finally:
+            self._mlp_weight = None
+
+    def _forward_post_mlp(self, mlp_output_with_bias: tuple, residual: torch.Tensor):
+        """Upstream's residual add of the MLP output (with its pre-MLP norm's recompute
+        hook), of w * MLP(LN(h)) on kept slots: kept vision h + w f, text h + f."""
+        if self._mlp_weight is None:  # the plain layer (no micro-batch info, KV-cache decode)
+            return super()._forward_post_mlp(mlp_output_with_bias, residual)
+        f, bias = mlp_output_with_bias
         if bias is not None:
             f = f + bias
-        slot_weight = torch.where(slot_is_image, _gather_seq(weights, index), 1.0)
-        return h + slot_weight.to(f.dtype).unsqueeze(-1) * f, context
+        weighted = self._mlp_weight.to(f.dtype).unsqueeze(-1) * f
+        return super()._forward_post_mlp((weighted, None), residual)
 
     @staticmethod
     def _merge(

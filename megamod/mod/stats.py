@@ -9,6 +9,7 @@ are device tensors read once per log interval.
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel.random import is_checkpointing
 
 
 class MoDStats:
@@ -26,7 +27,11 @@ class MoDStats:
         self, layer: int, kept: int, candidates: int, weights: torch.Tensor, is_image: torch.Tensor
     ) -> None:
         """weights, is_image: [s, b]: the router weights of the micro-batch, which are
-        vision tokens (masked, not indexed: no host sync)."""
+        vision tokens (masked, not indexed: no host sync). Not recorded while activation
+        recomputation reruns the layer in backward (megatron-core's checkpoint flag with
+        gradients on; its first pass runs without): the rerun keeps the same tokens."""
+        if is_checkpointing() and torch.is_grad_enabled():
+            return
         self.kept[layer] += kept
         self.candidates[layer] += candidates
         if candidates == 0:

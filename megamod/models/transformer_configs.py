@@ -10,8 +10,9 @@ from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamod.config import Config
+from megamod.errors import ConfigError
 from megamod.models.specs import transformer_engine_available
-from megamod.training.precision import dtype_fields, fp8_fields
+from megamod.precision import dtype_fields, fp8_fields
 
 
 @dataclass
@@ -74,6 +75,64 @@ def _moe(config: Config) -> dict:
     )
 
 
+def _recompute(config: Config) -> dict:
+    """megatron-core's activation recomputation, for the decoder alone: the vision encoder
+    and projector never get it, as in Megatron-LM's LLaVA (examples/multimodal recomputes
+    the vision model only under its own `--recompute-vision`). What TrainConfig cannot see
+    alone is refused here: more layers than the decoder has, an uneven uniform split (the
+    block would index past its last layer), MoE modules without MoE layers, and what
+    megatron-core cannot recompute on this machine or with this precision."""
+    train = config.train
+    if train.recompute_granularity is None:
+        return {}
+    num_layers = config.model.language.num_layers
+    count = train.recompute_num_layers
+    if count is not None and count > num_layers:
+        raise ConfigError(
+            f"train.recompute_num_layers={count} exceeds model.language.num_layers="
+            f"{num_layers}: use at most {num_layers}"
+        )
+    if train.recompute_method == "uniform" and num_layers % count:
+        raise ConfigError(
+            f"train.recompute_method=uniform splits the decoder into groups of "
+            f"train.recompute_num_layers={count} layers, which does not divide "
+            f"model.language.num_layers={num_layers}: pick a divisor, or recompute_method=block"
+        )
+    modules = train.recompute_modules or []
+    for module in ("moe", "moe_act"):
+        if module in modules and config.moe.num_experts is None:
+            raise ConfigError(
+                f"train.recompute_modules names {module} but the decoder has no MoE layers: "
+                f"drop it or set moe.num_experts"
+            )
+    if "moe_act" in modules and not transformer_engine_available():
+        raise ConfigError(
+            "train.recompute_modules names moe_act, which megatron-core recomputes only in "
+            "grouped-GEMM experts (transformer-engine on a GPU): drop it, or recompute moe"
+        )
+    if "layernorm" in modules and not transformer_engine_available():
+        # 0.16.1's CheckpointWithoutOutput takes `fp8=False` for "fp8 on" (`fp8 is not
+        # None`) and then reads transformer-engine's FP8 state: a NameError without TE.
+        raise ConfigError(
+            "train.recompute_modules names layernorm, which megatron-core 0.16.1 recomputes "
+            "only with transformer-engine (on a GPU): drop it here"
+        )
+    precision = config.precision
+    for module in ("moe_act", "layernorm"):
+        if module in modules and precision.fp8 is not None and precision.fp8_recipe == "delayed":
+            raise ConfigError(
+                f"train.recompute_modules names {module}, which megatron-core cannot recompute "
+                f"under precision.fp8_recipe=delayed: drop it or use another fp8_recipe"
+            )
+    return dict(
+        recompute_granularity=train.recompute_granularity,
+        recompute_method=train.recompute_method,
+        recompute_num_layers=count,
+        # None: megatron-core's default, [core_attn] (read only under selective).
+        recompute_modules=train.recompute_modules,
+    )
+
+
 def transformer_configs(config: Config) -> TransformerConfigs:
     vision_cfg, language_cfg = config.model.vision, config.model.language
     common = _common(config)
@@ -118,7 +177,8 @@ def transformer_configs(config: Config) -> TransformerConfigs:
         sequence_parallel=config.parallel.sequence_parallel,
         **common,
         **_moe(config),
-        # FP8 GEMMs in the decoder's layers only (megamod.training.precision).
+        **_recompute(config),
+        # FP8 GEMMs in the decoder's layers only (megamod.precision).
         **fp8_fields(config),
     )
     return TransformerConfigs(vision=vision, projector=projector, language=language)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.moe import moe_utils
 
 MODALITIES = ("text", "image")
@@ -42,7 +43,14 @@ class RoutingStats:
         self, layer: int, routing_map: torch.Tensor, modality: Optional[torch.Tensor], topk: int
     ) -> None:
         """routing_map: [tokens, experts] bool, this rank's tokens of one micro-batch;
-        modality: [tokens] 0 text, 1 image, -1 not counted (None: all text)."""
+        modality: [tokens] 0 text, 1 image, -1 not counted (None: all text).
+
+        Not recorded while activation recomputation reruns the forward in backward
+        (megatron-core's checkpoint flag with gradients on; its first pass runs without):
+        the rerun routes the same tokens the same way, and outside the MoD layer's
+        `MicroBatchInfo.routing` when only the MoE layer is recomputed."""
+        if is_checkpointing() and torch.is_grad_enabled():
+            return
         with torch.no_grad():
             if modality is None:
                 modality = torch.zeros(routing_map.shape[0], dtype=torch.long)
