@@ -157,11 +157,13 @@ def test_base_file_is_overridden_key_by_key(tmp_path):
 def test_moe_llava_recipe_configs_load():
     stages = [load_config(REPO / "examples/configs/moe_llava" / f"{name}.yaml")
               for name in ("stage1", "stage2", "stage3")]
-    assert [s.train.trainable for s in stages] == [["projector"], ["projector", "language"], ["moe"]]
+    assert [s.train.trainable for s in stages] == [
+        ["projector"], ["projector", "language"], ["ffn", "router", "projector"]]
     assert [s.train.lr for s in stages] == [1e-3, 2e-5, 2e-5]
     moe = stages[2].moe
     assert (moe.num_experts, moe.router_topk, moe.layer_freq, moe.capacity_factor) == (4, 2, 2, 1.5)
     assert moe.aux_loss_coeff == 0.01 and stages[0].moe.num_experts is None
+    assert (moe.gate, moe.eval_capacity_factor) == ("deepspeed_top2", 2.0)
 
 
 def test_pmod_configs_load_with_the_papers_schedule():

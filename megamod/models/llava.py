@@ -26,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megamod.config import Config
 from megamod.models import specs
 from megamod.models.transformer_configs import transformer_configs
-from megamod.models.micro_batch import MicroBatchInfo
+from megamod.micro_batch import MicroBatchInfo
 from megamod.mod.layer import MoDTransformerLayer
 from megamod.mod.stats import MoDStats
 from megamod.moe.router import TopKRouterWithStats
@@ -35,13 +35,6 @@ from megamod.moe.stats import RoutingStats
 # Megatron-LM's GPT datasets mark positions without loss with a loss mask; labels there
 # are replaced by this valid id so the vocab-parallel cross entropy can index them.
 _MASKED_LABEL = 0
-
-
-def padded_vocab_size(tokenizer_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's padding: a multiple of divisible_by x TP, so each rank's shard of
-    the embedding is equal and aligned."""
-    multiple = divisible_by * tp
-    return -(-tokenizer_size // multiple) * multiple
 
 
 class LLaVA(MegatronModule):
@@ -100,6 +93,7 @@ class LLaVA(MegatronModule):
             self.routing_stats = RoutingStats(pattern, config.moe.num_experts)
             for router in self.routers():
                 router.micro_batch, router.stats = self.micro_batch, self.routing_stats
+                router.moe = config.moe  # the gate and the evaluation capacity factor
             # megatron-core treats experts as expert-parallel (own grad buffers, reduction
             # group and optimizer) only when EP > 1. Marking them so at every EP size keeps
             # the optimizer (a dense + an expert optimizer, chained) and its checkpoint the
@@ -180,21 +174,37 @@ class LLaVA(MegatronModule):
 
     def parts(self) -> dict[str, torch.nn.Module]:
         """The freezable parts, by the names `train.trainable` uses. `language` is the whole
-        decoder; `moe` its MoE layers' experts and routers (MoE-LLaVA's stage 3)."""
-        moe_layers = [
-            layer.mlp for layer in self.language_model.decoder.layers
-            if isinstance(layer.mlp, BaseMoELayer)
+        decoder; `moe` its MoE layers' experts and routers; `ffn` every decoder layer's
+        FFN (a dense layer's MLP, a MoE layer's experts); `router` the MoE routers."""
+        layers = self.language_model.decoder.layers
+        moe_layers = [layer.mlp for layer in layers if isinstance(layer.mlp, BaseMoELayer)]
+        ffns = [
+            layer.mlp.experts if isinstance(layer.mlp, BaseMoELayer) else layer.mlp
+            for layer in layers
         ]
         return {
             "vision": self.vision_model,
             "projector": self.vision_projection,
             "language": self.language_model,
             "moe": torch.nn.ModuleList(moe_layers),
+            "ffn": torch.nn.ModuleList(ffns),
+            "router": torch.nn.ModuleList(self.routers()),
         }
 
     def freeze(self, trainable: list[str]) -> None:
-        """Parts not named in `trainable` get no gradients (and so no optimizer state)."""
+        """Parts not named in `trainable` get no gradients (and so no optimizer state).
+
+        MoE-LLaVA's stage 3 is `[ffn, router, projector]`: its `--train_modules` name
+        filter (`mlp.gate_proj mlp.up_proj mlp.down_proj wg` for Llama) trains every FFN
+        weight, dense or expert, and the gates, and its `initialize_vision_modules` the
+        projector. The pre-MLP norm is not an FFN weight there (`post_attention_layernorm`):
+        where transformer-engine fuses it into a dense MLP's first linear
+        (`linear_fc1.layer_norm_*`), `ffn` leaves it frozen unless `language` trains."""
         self.requires_grad_(False)
         parts = self.parts()
         for name in trainable:
             parts[name].requires_grad_(True)
+        if "ffn" in trainable and "language" not in trainable:
+            for name, param in parts["ffn"].named_parameters():
+                if ".layer_norm_" in name:
+                    param.requires_grad_(False)

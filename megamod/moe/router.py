@@ -1,6 +1,11 @@
-"""megatron-core's TopKRouter, told about the micro-batch it routes.
+"""megatron-core's TopKRouter, told about the micro-batch it routes and the gate to use.
 
-The routing itself (gating, top-k, capacity dropping, aux and z losses) is upstream's.
+With `moe.gate=megatron` the routing itself (gating, top-k, capacity dropping, aux and z
+losses) is upstream's; with `moe.gate=deepspeed_top2` the top-2 choice, capacity dropping,
+weights and aux loss are MoE-LLaVA's DeepSpeed gate (`megamod.moe.deepspeed_gate`), on
+upstream's gating linear, z-loss and aux-loss attachment. Either way the capacity factor
+is `moe.capacity_factor` while training and `moe.eval_capacity_factor` otherwise
+(DeepSpeed's rule; upstream uses one factor for both).
 Added, fed by `MicroBatchInfo` that the LLaVA model fills before each forward:
 - every routing decision is handed to `RoutingStats` (expert load per layer and per
   modality, dropped tokens: MoE-LLaVA's routing analysis, live);
@@ -16,35 +21,103 @@ Added, fed by `MicroBatchInfo` that the LLaVA model fills before each forward:
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import contextlib
+from typing import Iterator, Optional, Union
 
 import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
+    get_tokens_per_expert_and_token_count,
     save_to_aux_losses_tracker,
+    switch_load_balancing_loss_func,
     z_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megamod.models.micro_batch import MicroBatchInfo
+from megamod.config import MoEConfig
+from megamod.micro_batch import MicroBatchInfo
+from megamod.moe import deepspeed_gate
 
 
 class TopKRouterWithStats(TopKRouter):
-    """Upstream's TopKRouter plus routing statistics and per-loss-token aux weighting.
+    """Upstream's TopKRouter plus routing statistics, per-loss-token aux weighting, an
+    evaluation capacity factor and MoE-LLaVA's DeepSpeed gate.
 
-    `micro_batch` and `stats` are attached by the model after it is built; without them
-    the router is exactly upstream's.
+    `micro_batch`, `stats` and `moe` (the run's `moe` config: gate and evaluation capacity)
+    are attached by the model after it is built; without them the router is exactly
+    upstream's.
     """
 
     micro_batch: Optional[MicroBatchInfo] = None
     stats = None  # Optional[megamod.moe.stats.RoutingStats]
+    moe: Optional[MoEConfig] = None
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.moe is not None and self.moe.gate == "deepspeed_top2":
+            probs, routing_map = self._deepspeed_top2(logits, padding_mask)
+        else:
+            with self._capacity_factor_in_config():
+                probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.stats is not None:
             modality = self.micro_batch.routed_modality if self.micro_batch is not None else None
             self.stats.record(self.layer_number - 1, routing_map, modality, self.topk)
         return probs, routing_map
+
+    def capacity_factor(self) -> Optional[float]:
+        """The training capacity factor while training, else `moe.eval_capacity_factor`
+        (None: no dropping)."""
+        if self.training or self.moe is None:
+            return self.config.moe_expert_capacity_factor
+        return self.moe.eval_capacity_factor
+
+    @contextlib.contextmanager
+    def _capacity_factor_in_config(self) -> Iterator[None]:
+        """Upstream's routing reads the (shared) TransformerConfig's factor: hand it this
+        forward's, and restore the training one for the dispatcher and the other layers."""
+        config, factor = self.config, self.capacity_factor()
+        training_factor = config.moe_expert_capacity_factor
+        config.moe_expert_capacity_factor = factor
+        try:
+            yield
+        finally:
+            config.moe_expert_capacity_factor = training_factor
+
+    def _deepspeed_top2(
+        self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoE-LLaVA's gate (`deepspeed_gate.top2gating`) with its first-choice aux loss;
+        upstream's z-loss (0 in MoE-LLaVA) still applies."""
+        if padding_mask is not None:
+            raise NotImplementedError("moe.gate=deepspeed_top2 routes every token: no padding mask")
+        seq_length, batch = logits.shape[:2]
+        logits = self.apply_z_loss(logits.view(-1, self.num_experts))
+        sp_group = self.tp_group if self.config.sequence_parallel else None
+        routing = deepspeed_gate.top2gating(
+            logits.view(seq_length, batch, self.num_experts), self.capacity_factor(), sp_group
+        )
+        probs = routing.probs
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            probs = self._apply_first_choice_aux_loss(probs, routing.gates, routing.first_choice)
+        return probs, routing.routing_map
+
+    def _apply_first_choice_aux_loss(
+        self, probs: torch.Tensor, gates: torch.Tensor, first_choice: torch.Tensor
+    ) -> torch.Tensor:
+        """DeepSpeed's `l_aux = E^2 * mean(me * ce)` = upstream's `_apply_aux_loss` with the
+        first choices as the routing map and top-1 (`E * sum_e P_e * f_e`, `f_e` the share
+        of first choices): each TP rank's share of `P`, the micro-batch's `f`."""
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+            first_choice, self.tp_cp_group, topk=1
+        )
+        aux_loss = switch_load_balancing_loss_func(
+            gates, tokens_per_expert, total_tokens, topk=1, num_experts=self.num_experts,
+            moe_aux_loss_coeff=coeff, fused=self.config.moe_router_fusion,
+        )
+        return self.attach_and_log_load_balancing_loss(
+            probs, coeff, aux_loss, "load_balancing_loss", self.tp_cp_group,
+            valid_token_count=local_tokens,
+        )
 
     def _loss_token_weight(self, routed_tokens: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
         """What a rank's (partial) aux loss is multiplied by before megatron-core divides

@@ -27,9 +27,14 @@ from tests.training.parallel_worker import gather_tp, start
 
 MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2", "moe.aux_loss_coeff=0.1",
        "moe.z_loss_coeff=0.01"]
-VARIANTS = {"dropless": [], "capacity": ["moe.capacity_factor=1.0"]}
+VARIANTS = {"dropless": [], "capacity": ["moe.capacity_factor=1.0"],
+            "deepspeed": ["moe.gate=deepspeed_top2", "moe.capacity_factor=1.0"]}
 # (name, overrides); capacity is computed per rank's tokens, so under SP (half the
-# sequence per rank) it drops other tokens than TP=1 does: compared at TP=1 only.
+# sequence per rank) it drops other tokens than TP=1 does: compared at TP=1 only. The
+# DeepSpeed gate counts capacity over the whole micro-batch at any TP, but every DP rank
+# draws the same Gumbel noise stream (so DP=2 differs from one process), and with tokens
+# dropped the experts' TP all-gather has uneven sizes, which gloo refuses: compared at
+# TP=2 + SP with ETP=1 only.
 LAYOUTS = {
     "ep2": ["parallel.expert_model_parallel_size=2"],
     "tp2_sp_ep2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
@@ -76,7 +81,10 @@ def step_grads(config, init_dir: Path | None) -> dict:
     if init_dir is not None:
         checkpoint.load_model_weights(init_dir, model)
     totals = forward_backward(state, state.loader.next_step())
+    stats = model.routing_stats
+    stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group())  # as the loop does
     return {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(),
+            "dropped": float(stats.dropped_fraction().mean()),
             **gradients(config, model), "model": model, "state": state}
 
 
@@ -93,6 +101,8 @@ def main(mode: str, out: Path, variant: str) -> None:
         return
     for layout, overrides in LAYOUTS.items():
         if variant == "capacity" and "sequence_parallel=true" in " ".join(overrides):
+            continue
+        if variant == "deepspeed" and layout != "tp2_sp_ep2":
             continue
         config = start(1, False, extra + overrides)  # later overrides win
         result = step_grads(config, out / f"init_{variant}")

@@ -205,7 +205,7 @@ def test_bad_input_exits_2_naming_the_file_and_writes_nothing(
     out = tmp_path / "out"
     source, freq, expected = {
         "existing output": (dense_ckpt, "2", [str(out), "--force"]),
-        "already MoE": (upcycled, "2", [str(upcycled / "iter_0000000"), "already a MoE"]),
+        "already MoE": (upcycled, "2", [str(upcycled), "already a MoE"]),
         "layer list too short": (dense_ckpt, "[1,0,1]", ["moe.layer_freq", "num_layers=4"]),
     }[case]
     if case == "existing output":
