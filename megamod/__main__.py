@@ -18,6 +18,8 @@ USAGE = """usage: megamod <command> [args]
 
 commands:
   train CONFIG.yaml [key.sub=value ...]   train (under torchrun or srun for several processes)
+        [--dry-run [--world-size N] [--gpu-memory GIB] [--json]]
+                                          check a run and estimate its memory per GPU
   build-shards --format {llava,mimicit} ...  build WebDataset shards (see --help)
   upcycle --input CKPT --output CKPT --num-experts N --layer-freq K
                                           turn a dense checkpoint into a MoE one (see --help)

@@ -1,28 +1,56 @@
 """`megamod train CONFIG.yaml [key.sub=value ...]`: one training job, on every rank.
 
-The same command runs as one process, under `torchrun` and under `srun`.
+The same command runs as one process, under `torchrun` and under `srun`. With
+`--dry-run [--world-size N] [--gpu-memory GIB] [--json]` it checks the job for N GPUs and
+estimates its memory per GPU instead (`megamod.training.plan`), as one process, without a
+GPU, and exits 2 naming what to change when the estimate exceeds GIB (default 80).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from megamod.cli import rank_prefix
 from megamod.errors import MegamodError
 
+USAGE = ("usage: megamod train CONFIG.yaml [key.sub=value ...] "
+         "[--dry-run [--world-size N] [--gpu-memory GIB] [--json]]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megamod train CONFIG.yaml", usage=USAGE[7:])
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the job and estimate its memory per GPU; train nothing")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: the GPUs (processes) the job will have (default 1)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="with --dry-run: memory of one GPU in GiB (default 80)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --dry-run: one JSON object instead of the table")
+    return parser
+
 
 def main(argv: list[str]) -> int:
     """0 when train.train_iters is reached; EXIT_RESUMABLE (75) when a stop signal (Slurm's
-    SIGUSR1, SIGTERM) ended it early with a checkpoint saved: run it again to continue."""
+    SIGUSR1, SIGTERM) ended it early with a checkpoint saved: run it again to continue.
+    With --dry-run: 0 when the job checks out and fits, 2 when not."""
     import os
 
     launcher_pid = os.getppid()  # first thing: see die_with_launcher
+    if not argv or argv[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv[1:])
+    if not args.dry_run and (args.world_size, args.gpu_memory, args.json) != (None, None, False):
+        parser.error("--world-size, --gpu-memory and --json go with --dry-run")
+    if args.dry_run:
+        return dry_run(parser, argv[0], args)
     from megamod.config import load_config
 
-    if not argv or argv[0].startswith("-"):
-        print("usage: megamod train CONFIG.yaml [key.sub=value ...]", file=sys.stderr)
-        return 2
-    config = load_config(argv[0], argv[1:])  # fails before any process group exists
+    config = load_config(argv[0], args.overrides)  # fails before any process group exists
 
     from megamod.training.preemption import EXIT_RESUMABLE, PreemptionWatcher
 
@@ -49,3 +77,35 @@ def main(argv: list[str]) -> int:
     finally:
         destroy_distributed()
     return EXIT_RESUMABLE if result.stopped_early else 0
+
+
+def dry_run(parser: argparse.ArgumentParser, path: str, args: argparse.Namespace) -> int:
+    """`--dry-run`: the plan on stdout; a refusal (a check failed, or the estimate exceeds
+    --gpu-memory) raises MegamodError, which `megamod.__main__` turns into exit 2. Never
+    starts a process group of N ranks, never touches checkpoint.save_dir or a GPU."""
+    import json
+    import os
+
+    world_size = 1 if args.world_size is None else args.world_size
+    gpu_memory = 80.0 if args.gpu_memory is None else args.gpu_memory
+    if world_size < 1 or not gpu_memory > 0:
+        parser.error("--world-size must be >= 1 and --gpu-memory > 0")
+    if "torch" not in sys.modules:
+        # The model is built on the meta device through megatron-core's CPU path; a GPU
+        # here would only draw CUDA allocations into it.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from megamod.config import load_config
+
+    config = load_config(path, args.overrides)
+    from megamod.training.logging import silence_upstream_warnings
+
+    silence_upstream_warnings()
+    from megamod.training.plan import check_fits, dry_run as plan_run, format_plan, plan_json
+
+    plan = plan_run(config, world_size, gpu_memory)
+    if args.json:
+        print(json.dumps(plan_json(plan)))
+    else:
+        print(f"megamod train {path} --dry-run --world-size {world_size}\n{format_plan(plan)}")
+    check_fits(plan)
+    return 0

@@ -1,15 +1,17 @@
 """MoE-LLaVA's three-stage MoE-Tuning, end to end on the tiny configs, as a user runs it:
-stage 1 -> stage 2 (finetune load) -> `megamod upcycle` -> stage 3.
+stage 1 -> stage 2 (finetune load) -> `megamod upcycle` -> stage 3, in bf16 as the recipe.
 
 Each stage saves after every step; comparing a stage's start with its first step's
 checkpoint shows exactly which tensors train: stage 1 the projector, stage 2 all but the
 vision encoder, stage 3 what MoE-LLaVA's does (every FFN weight, dense or expert, the
 routers and the projector; not the norms, attention, embeddings or vision encoder). Every
-other tensor must be bit-identical.
+other tensor must be bit-identical. A stage's first loss is the loaded model's loss on
+that stage's first batch, evaluated here independently of the training loop: no jump.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,13 +24,18 @@ CONFIGS = REPO / "examples" / "configs" / "moe_llava"
 MODEL_PREFIXES = ("vision_model.", "vision_projection.", "language_model.")
 
 
+def overrides(save_dir: Path, *extra: str) -> list[str]:
+    return ["train.train_iters=2", "checkpoint.save_interval=1", "precision.params_dtype=bf16",
+            "train.lr_warmup_fraction=0",  # warm-up would give step 1 a zero LR
+            f"checkpoint.save_dir={save_dir}", "logging.tensorboard_dir=null", *extra]
+
+
 def train(config: str, root: Path, stage: str, *extra: str) -> Path:
     save_dir = root / stage
-    check(run([sys.executable, "-m", "megamod", "train", str(CONFIGS / config),
-               "train.train_iters=2", "checkpoint.save_interval=1",
-               "train.lr_warmup_fraction=0",  # warm-up would give step 1 a zero LR
-               f"checkpoint.save_dir={save_dir}", "logging.tensorboard_dir=null", *extra],
-              cwd=root, extra_env={"MASTER_PORT": str(free_port())}))
+    result = check(run([sys.executable, "-m", "megamod", "train", str(CONFIGS / config),
+                        *overrides(save_dir, *extra)],
+                       cwd=root, extra_env={"MASTER_PORT": str(free_port())}))
+    (root / f"{stage}.log").write_text(result.stdout)
     return save_dir
 
 
@@ -64,8 +71,10 @@ def weights(chain):
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """Keys whose tensors differ (upcycle writes fp32 copies of bf16 weights: compared in
+    the later tensor's dtype, which holds them exactly)."""
     assert before.keys() == after.keys()
-    return {k for k in before if not torch.equal(before[k], after[k])}
+    return {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}
 
 
 def test_stage1_trains_only_the_projector(chain, weights):
@@ -93,4 +102,60 @@ def test_stage3_trains_ffns_routers_and_projector_from_the_upcycled_model(chain,
     # The upcycled experts started as copies of stage 2's FFN.
     ffn = weights(chain["stage2"], 2)["language_model.decoder.layers.0.mlp.linear_fc1.weight"]
     experts = start["language_model.decoder.layers.0.mlp.experts.experts.linear_fc1.weight"]
-    assert all(torch.equal(expert, ffn) for expert in experts)
+    assert all(torch.equal(expert.to(ffn.dtype), ffn) for expert in experts)
+
+
+def first_loss(root: Path, stage: str) -> float:
+    records = [json.loads(line) for line in (root / f"{stage}.log").read_text().splitlines()
+               if line.startswith("{")]
+    return next(r["train/loss"] for r in records if r.get("iteration") == 1)
+
+
+def loaded_model_loss(config: str, save_dir: Path, load_dir: Path) -> float:
+    """The model of `config` holding `load_dir`'s latest weights, in bf16 and eval mode,
+    on the first global batch the stage trains on: mean loss over its loss tokens."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megamod import cpu_compat
+    from megamod.config import load_config
+    from megamod.data.loader import build_train_loader, prepare_tiny_shards
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import build_model
+    from megamod.training.checkpoint import load_model_weights
+
+    stage = load_config(CONFIGS / config, overrides(save_dir, f"checkpoint.load={load_dir}"))
+    tokenizer = load_tokenizer(stage.data.tokenizer)
+    cpu_compat.apply()
+    parallel_state.initialize_model_parallel()  # a world of one (the `weights` fixture's)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage.train.seed)
+    try:
+        model = build_model(stage, tokenizer)
+        load_model_weights(load_dir, model)
+        model = model.to(torch.bfloat16).eval()
+        prepare_tiny_shards()
+        total, tokens = 0.0, 0.0
+        with build_train_loader(stage, tokenizer, 0, 1) as loader, torch.no_grad():
+            for batch in loader.next_step():
+                losses = model(batch["tokens"], batch["images"].to(torch.bfloat16),
+                               batch["labels"], batch["loss_mask"])
+                mask = batch["loss_mask"].float()
+                total += float((losses.float() * mask).sum())
+                tokens += float(mask.sum())
+    finally:
+        parallel_state.destroy_model_parallel()
+    return total / tokens
+
+
+@pytest.mark.parametrize("stage,config,source", [
+    ("stage2", "tiny_stage2.yaml", "stage1"),
+    ("stage3", "tiny_stage3.yaml", "upcycled"),
+])
+def test_each_stage_starts_where_the_last_one_ended(chain, weights, stage, config, source):
+    """bf16: the optimizer's fp32 main copies come from the loaded weights, so the first
+    step trains the previous stage's model (not the initialisation: loss ~6.8). Stage 3
+    trains with capacity 1.5, the evaluation drops nothing: up to its dropped tokens the
+    upcycled model is the dense one."""
+    root = chain[stage].parent
+    reference = loaded_model_loss(config, root / "check", chain[source])
+    tolerance = {"stage2": 2e-3, "stage3": 2e-2}[stage]
+    assert first_loss(root, stage) == pytest.approx(reference, abs=tolerance)
