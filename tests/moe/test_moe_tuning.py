@@ -11,70 +11,34 @@ that stage's first batch, evaluated here independently of the training loop: no 
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.launcher import REPO, check, free_port, run
+from tests.launcher import REPO, check, run
+from tests.stages import (
+    changed, first_loss, largest_move_beyond_lr, loaded_model_loss, plain_tensor_reader, train,
+)
 
 CONFIGS = REPO / "examples" / "configs" / "moe_llava"
-MODEL_PREFIXES = ("vision_model.", "vision_projection.", "language_model.")
-
-
-def overrides(save_dir: Path, *extra: str) -> list[str]:
-    return ["train.train_iters=2", "checkpoint.save_interval=1", "precision.params_dtype=bf16",
-            "train.lr_warmup_fraction=0",  # warm-up would give step 1 a zero LR
-            f"checkpoint.save_dir={save_dir}", "logging.tensorboard_dir=null", *extra]
-
-
-def train(config: str, root: Path, stage: str, *extra: str) -> Path:
-    save_dir = root / stage
-    result = check(run([sys.executable, "-m", "megamod", "train", str(CONFIGS / config),
-                        *overrides(save_dir, *extra)],
-                       cwd=root, extra_env={"MASTER_PORT": str(free_port())}))
-    (root / f"{stage}.log").write_text(result.stdout)
-    return save_dir
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict[str, Path]:
+def chain(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("moe_tuning")
-    stage1 = train("tiny_stage1.yaml", root, "stage1")
-    stage2 = train("tiny_stage2.yaml", root, "stage2", f"checkpoint.load={stage1}")
+    stage1 = train(CONFIGS / "tiny_stage1.yaml", root, "stage1")
+    stage2 = train(CONFIGS / "tiny_stage2.yaml", root, "stage2", f"checkpoint.load={stage1}")
     upcycled = root / "upcycled"
     check(run([sys.executable, "-m", "megamod", "upcycle", "--input", str(stage2),
                "--output", str(upcycled), "--num-experts", "4", "--layer-freq", "2"], cwd=root))
-    stage3 = train("tiny_stage3.yaml", root, "stage3", f"checkpoint.load={upcycled}")
+    stage3 = train(CONFIGS / "tiny_stage3.yaml", root, "stage3", f"checkpoint.load={upcycled}")
     return {"stage1": stage1, "stage2": stage2, "upcycled": upcycled, "stage3": stage3}
 
 
 @pytest.fixture(scope="module")
 def weights(chain):
-    """Model tensors of `save_dir/iter_N` (a gloo world of one reads them)."""
-    from megatron.core import dist_checkpointing
-
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-
-    def read(save_dir: Path, iteration: int, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Tensors whose key starts with `prefix` + a model part, keyed without `prefix`."""
-        tensors = dist_checkpointing.load_plain_tensors(str(save_dir / f"iter_{iteration:07d}"))
-        return {k[len(prefix):]: v for k, v in tensors.items()
-                if k.startswith(tuple(prefix + p for p in MODEL_PREFIXES))}
-
-    yield read
-    torch.distributed.destroy_process_group()
-
-
-def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
-    """Keys whose tensors differ (upcycle writes fp32 copies of bf16 weights: compared in
-    the later tensor's dtype, which holds them exactly)."""
-    assert before.keys() == after.keys()
-    return {k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])}
+    yield from plain_tensor_reader()
 
 
 def test_stage1_trains_only_the_projector(chain, weights):
@@ -105,47 +69,6 @@ def test_stage3_trains_ffns_routers_and_projector_from_the_upcycled_model(chain,
     assert all(torch.equal(expert.to(ffn.dtype), ffn) for expert in experts)
 
 
-def first_loss(root: Path, stage: str) -> float:
-    records = [json.loads(line) for line in (root / f"{stage}.log").read_text().splitlines()
-               if line.startswith("{")]
-    return next(r["train/loss"] for r in records if r.get("iteration") == 1)
-
-
-def loaded_model_loss(config: str, save_dir: Path, load_dir: Path) -> float:
-    """The model of `config` holding `load_dir`'s latest weights, in bf16 and eval mode,
-    on the first global batch the stage trains on: mean loss over its loss tokens."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megamod import cpu_compat
-    from megamod.config import load_config
-    from megamod.data.loader import build_train_loader, prepare_tiny_shards
-    from megamod.data.tokenizer import load_tokenizer
-    from megamod.models.build import build_model
-    from megamod.training.checkpoint import load_model_weights
-
-    stage = load_config(CONFIGS / config, overrides(save_dir, f"checkpoint.load={load_dir}"))
-    tokenizer = load_tokenizer(stage.data.tokenizer)
-    cpu_compat.apply()
-    parallel_state.initialize_model_parallel()  # a world of one (the `weights` fixture's)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage.train.seed)
-    try:
-        model = build_model(stage, tokenizer)
-        load_model_weights(load_dir, model)
-        model = model.to(torch.bfloat16).eval()
-        prepare_tiny_shards()
-        total, tokens = 0.0, 0.0
-        with build_train_loader(stage, tokenizer, 0, 1) as loader, torch.no_grad():
-            for batch in loader.next_step():
-                losses = model(batch["tokens"], batch["images"].to(torch.bfloat16),
-                               batch["labels"], batch["loss_mask"])
-                mask = batch["loss_mask"].float()
-                total += float((losses.float() * mask).sum())
-                tokens += float(mask.sum())
-    finally:
-        parallel_state.destroy_model_parallel()
-    return total / tokens
-
-
 @pytest.mark.parametrize("stage,config,source", [
     ("stage2", "tiny_stage2.yaml", "stage1"),
     ("stage3", "tiny_stage3.yaml", "upcycled"),
@@ -156,7 +79,7 @@ def test_each_stage_starts_where_the_last_one_ended(chain, weights, stage, confi
     trains with capacity 1.5, the evaluation drops nothing: up to its dropped tokens the
     upcycled model is the dense one."""
     root = chain[stage].parent
-    reference = loaded_model_loss(config, root / "check", chain[source])
+    reference = loaded_model_loss(CONFIGS / config, root / "check", chain[source])
     # Measured: 5e-6 (stage 2; the log prints 6 significant digits) and 2e-5 (stage 3).
     tolerance = {"stage2": 5e-5, "stage3": 2e-4}[stage]
     assert first_loss(root, stage) == pytest.approx(reference, abs=tolerance)
@@ -170,11 +93,5 @@ def test_the_first_step_moves_each_trained_weight_by_at_most_the_learning_rate(
     in these stages), plus bf16's rounding of the result. A step taken from stale fp32 main
     copies (the initialisation) would move stage 2's projector by all that stage 1 trained."""
     lr = 3e-3  # tiny_stage2.yaml's, inherited by stage 3
-    before, after = weights(chain[source], iteration), weights(chain[stage], 1)
-    worst = 0.0
-    for key in changed(before, after):
-        start, end = before[key].float(), after[key].float()
-        excess = (end - start).abs() - (lr + 2.0**-8 * end.abs())
-        worst = max(worst, float(excess.max()))
+    worst = largest_move_beyond_lr(weights(chain[source], iteration), weights(chain[stage], 1), lr)
     assert worst <= 0, f"a weight moved {worst:.2e} more than lr + bf16 rounding"
-
