@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,6 +410,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "train", ("micro_batch_size", "global_batch_size", "train_iters"))
+        self._check_optimizer()
         if self.lr < self.min_lr:
             raise ConfigError(
                 f"train.lr={self.lr} is below train.min_lr={self.min_lr}: the schedule decays "
@@ -429,6 +431,21 @@ class TrainConfig:
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise ConfigError("train.lr_warmup_fraction must be in [0, 1)")
         self._check_recompute()
+
+    def _check_optimizer(self) -> None:
+        """Adam's and the schedule's ranges (torch would otherwise refuse them later, in
+        its own words, or a NaN would train)."""
+        for key in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"train.{key}={value} must be a finite number >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{key}={value} must be in [0, 1) (Adam's default: "
+                                  f"{0.9 if key == 'adam_beta1' else 0.999})")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError(f"train.adam_eps={self.adam_eps} must be a finite number > 0")
 
     def _check_recompute(self) -> None:
         """megatron-core's TransformerConfig rules, named by our keys; what needs the model

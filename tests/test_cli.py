@@ -32,3 +32,15 @@ def test_unreadable_annotations_exit_2_naming_the_file(tmp_path):
 def test_unknown_command_exits_2_with_usage(tmp_path):
     result = run([sys.executable, "-m", "megamod", "fly"], cwd=tmp_path)
     assert result.returncode == 2 and "usage: megamod" in result.stderr
+
+
+def test_train_help_lists_the_sections_and_exits_0(tmp_path):
+    from megamod.__main__ import main
+
+    assert main(["train", "--help"]) == 0
+    result = run([sys.executable, "-m", "megamod", "train", "-h"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for section in ("model", "moe", "mod", "parallel", "data", "train", "precision", "checkpoint"):
+        assert section in result.stdout
+    assert "--dry-run" in result.stdout
+    assert run([sys.executable, "-m", "megamod", "train"], cwd=tmp_path).returncode == 2

@@ -67,6 +67,11 @@ def test_defaults_are_llava_shapes():
         # Each of these ended in a traceback once (issue: bad input never does).
         (["train.lr=1e-5", "train.min_lr=1e-4"], ["train.lr", "train.min_lr"]),
         (["train.train_iters=0"], ["train.train_iters", ">= 1"]),
+        (["train.lr=-1e-3", "train.min_lr=-1e-2"], ["train.lr=-0.001", ">= 0"]),
+        (["train.lr=.nan"], ["train.lr=nan", "finite"]),
+        (["train.adam_beta1=1.5"], ["train.adam_beta1=1.5", "[0, 1)"]),
+        (["train.adam_eps=0"], ["train.adam_eps", "> 0"]),
+        (["train.clip_grad=-1"], ["train.clip_grad", ">= 0"]),
         (["train.micro_batch_size=0"], ["train.micro_batch_size", ">= 1"]),
         (["model.vision.patch_size=0"], ["model.vision.patch_size", ">= 1"]),
         (["model.language.num_attention_heads=0"], ["model.language.num_attention_heads"]),

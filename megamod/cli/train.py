@@ -19,7 +19,12 @@ USAGE = ("usage: megamod train CONFIG.yaml [key.sub=value ...] "
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megamod train CONFIG.yaml", usage=USAGE[7:])
+    parser = argparse.ArgumentParser(
+        prog="megamod train CONFIG.yaml", usage=USAGE[7:],
+        description="Train the model a YAML config describes; any key can be overridden as "
+        "section.key=value (YAML values). Sections: " + ", ".join(_sections())
+        + ". megamod/config.py holds every key with its default and meaning.",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the job and estimate its memory per GPU; train nothing")
@@ -32,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sections() -> list[str]:
+    import dataclasses
+
+    from megamod.config import Config
+
+    return [f.name for f in dataclasses.fields(Config)]
+
+
 def main(argv: list[str]) -> int:
     """0 when train.train_iters is reached; EXIT_RESUMABLE (75) when a stop signal (Slurm's
     SIGUSR1, SIGTERM) ended it early with a checkpoint saved: run it again to continue.
@@ -39,10 +52,13 @@ def main(argv: list[str]) -> int:
     import os
 
     launcher_pid = os.getppid()  # first thing: see die_with_launcher
+    parser = _parser()
+    if argv and argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
     if not argv or argv[0].startswith("-"):
         print(USAGE, file=sys.stderr)
         return 2
-    parser = _parser()
     args = parser.parse_intermixed_args(argv[1:])
     if not args.dry_run and (args.world_size, args.gpu_memory, args.json) != (None, None, False):
         parser.error("--world-size, --gpu-memory and --json go with --dry-run")

@@ -58,7 +58,17 @@ _INDEX_FILE = ".metadata"
 # and by default prefixes their state keys `chained_<i>.`, so an EP>1 checkpoint's
 # optimizer state would not load at EP=1 (one optimizer). Keys without the prefix are
 # the same for every layout (Megatron-LM sets this for its own dist checkpoints).
-_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
+# The distributed optimizer's state is written "fully_reshardable" (distrib_optimizer.py
+# `sharded_param_state_fully_reshardable`): gathered over DP (with gloo, onto DP rank 0
+# only: "mem_efficient") and stored per model tensor under the model tensor's sharding,
+# so it loads at any DP (and TP/EP) size. 0.16.1's default, "fully_sharded_model_space",
+# cannot be written: its flattened ShardedTensors are refused ("flattened_range is not
+# supported"); "dp_reshardable" loads only at the same TP/PP.
+_OPTIMIZER_METADATA = {
+    "chained_optim_avoid_prefix": True,
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
 # One key per decoder layer (`layers.<i>.`), never layers stacked into one tensor: dense,
 # MoE and MoD layers differ in their tensors, and a dense checkpoint must load into a
 # MoE or MoD model (upstream's default for new checkpoints).
@@ -423,9 +433,24 @@ def start_from(ckpt: CheckpointConfig) -> tuple[str | None, bool]:
     the model weights (`finetune`). With `auto_resume`, the run's own save_dir wins as soon
     as it holds a checkpoint, as Megatron-LM's --load wins over --pretrained-checkpoint: a
     requeued stage-2 job continues its own run instead of restarting from stage 1."""
-    if ckpt.auto_resume and ckpt.save_dir and (Path(ckpt.save_dir) / TRACKER_FILE).is_file():
+    if ckpt.auto_resume and ckpt.save_dir and _resumable(ckpt.save_dir):
         return ckpt.save_dir, False
     return ckpt.load, ckpt.finetune
+
+
+def _resumable(save_dir: str | Path) -> bool:
+    """Whether `save_dir` holds a checkpoint to resume: not none, and not a weights-only one
+    (an upcycled or converted model written there, which `checkpoint.load` + `finetune`
+    start from). A latest checkpoint that cannot be read counts as resumable, so that the
+    resume reports what is wrong with it."""
+    if not (Path(save_dir) / TRACKER_FILE).is_file():
+        return False
+    try:
+        ckpt_dir = iteration_dir(save_dir, read_latest_iteration(save_dir))
+        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    except Exception:  # damaged or missing: the load names it
+        return True
+    return "scheduler" in common
 
 
 class SaveDirLock:

@@ -2,7 +2,8 @@
 
 Slurm sends SIGUSR1 to every task `--signal=USR1@T` seconds before the time limit (and at
 preemption where the cluster sets `PreemptParameters=send_user_signal`); SIGTERM arrives
-on preemption with a grace time, on `scancel`, or from torchrun when it is stopped. The
+on preemption with a grace time, on `scancel`, or from torchrun when it is stopped; Ctrl-C
+(SIGINT) in a terminal is taken the same way once (twice aborts). The
 handler only sets a flag. After each step the loop asks `should_stop()`, a one-element
 all-reduce (MAX) of the flag over all ranks: the signal reaches ranks at different
 moments, and this way every rank stops after the same step. The loop then saves a
@@ -14,6 +15,7 @@ exit code into `scontrol requeue`, and the requeued job resumes from the checkpo
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 import torch
@@ -26,15 +28,20 @@ EXIT_RESUMABLE = 75
 
 
 class PreemptionWatcher:
-    """From its creation on, SIGUSR1 and SIGTERM only record that they came."""
+    """From its creation on, SIGUSR1, SIGTERM and a first Ctrl-C (SIGINT) only record that
+    they came; a second Ctrl-C aborts at once (KeyboardInterrupt), without a checkpoint."""
 
     def __init__(self) -> None:
         self.received: str | None = None  # the signal's name, once one came
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort "
+                  "now, without one)", file=sys.stderr, flush=True)
 
     def should_stop(self) -> bool:
         """Whether any rank has been signalled. Collective: every rank calls it each step."""

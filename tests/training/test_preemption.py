@@ -160,3 +160,35 @@ def test_sigterm_asks_to_stop():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_first_ctrl_c_asks_to_stop_a_second_aborts():
+    from megamod.training.preemption import PreemptionWatcher
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        with world_of_one():
+            watcher = PreemptionWatcher()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert watcher.should_stop() and watcher.received == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs between bytecodes: it raises by then
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_auto_resume_skips_a_weights_only_checkpoint(tmp_path):
+    """An upcycled or converted model written into the save_dir (weights only) is where a
+    stage starts (checkpoint.load + finetune), not a run to resume."""
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import build_model
+    from megamod.training.checkpoint import save_checkpoint
+
+    with world_of_one() as config:
+        model = build_model(config, load_tokenizer("tiny"))
+        save_checkpoint(tmp_path, 0, model, None, None, {}, config)
+    stage = CheckpointConfig(save_dir=str(tmp_path), load=str(tmp_path), finetune=True)
+    assert start_from(stage) == (str(tmp_path), True)
+
