@@ -1,7 +1,7 @@
 """`python -m megamod <command>` and the `megamod` console script.
 
 Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`, `upcycle ...`,
-`inspect ...`, `convert ...`, `generate ...`.
+`inspect ...`, `convert ...`, `generate ...`, `eval ...`.
 Exit codes: 0 success, 2 bad config or input (the message names the key or file),
 75 (train) stopped early by a signal with a checkpoint saved: run it again to continue,
 1 anything else (a bug: the traceback is printed).
@@ -28,6 +28,9 @@ commands:
                                           convert checkpoints (see --help)
   generate --checkpoint CKPT_DIR --image FILE --prompt TEXT [--max-new-tokens N]
            [--temperature T]              answer a prompt about an image (see --help)
+  eval --checkpoint CKPT_DIR --task TASK --questions FILE --images DIR [--annotations FILE]
+       [--output answers.jsonl] [--max-new-tokens N] [--batch-size B] [--json]
+                                          answer and score a benchmark (see --help)
 """
 
 
@@ -40,6 +43,7 @@ COMMANDS = {
     "inspect": "inspect",
     "convert": "convert",
     "generate": "generate",
+    "eval": "eval",
 }
 
 

@@ -19,6 +19,7 @@ ROOT = Path(megamod.__file__).parent
 # Top to bottom; a module may import its own layer's modules and any lower layer's.
 LAYERS = [
     ["__main__", "cli"],
+    ["eval"],
     ["inference"],
     ["training"],
     ["parallel", "convert"],

@@ -1,0 +1,181 @@
+"""The benchmarks `megamod eval` runs: each one's prompt suffix, its ground truth and its
+scorer.
+
+Suffixes are LLaVA-1.5's. For ScienceQA, `model_vqa_science.py:62-64` appends it
+(`--single-pred-prompt`); for the others LLaVA-1.5 ships question files whose text already
+ends with it (`llava_vqav2_mscoco_test-dev2015.jsonl`, `llava_gqa_testdev_balanced.jsonl`,
+`llava_textvqa_val_v051_ocr.jsonl`, `llava_pope_test.jsonl`, `llava_mme.jsonl`; its
+`scripts/v1_5/eval/*.sh` add nothing), so a suffix is appended only where the text does
+not already end with it: LLaVA's files and the benchmarks' raw questions get the same
+prompt. (Written from LLaVA's repository as published; its scripts and question files
+are not in the llava-torch package.)
+
+Ground truth is a field of the question's record: its line in the question file, updated
+by its annotation record (`megamod.eval.io`), found by question_id, except where the
+official code matches otherwise:
+- TextVQA: first by (question_id, question) against the annotation's (image_id,
+  question), as eval_textvqa.py:39-44 does (LLaVA's TextVQA question file uses image ids
+  as question ids);
+- POPE: each label file is `coco_pope_<category>.json`, its lines in order the labels of
+  that category's questions in order, as eval_pope.py:74-80 + 6 pair them (POPE's label
+  files number each category's questions from 1; LLaVA's question file renumbers them).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from megamod.errors import DataError
+from megamod.eval import scorers
+from megamod.eval.io import Annotations, Question
+from megamod.eval.normalize import normalize_answer
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
+
+
+def _label(value: Any) -> bool:
+    return value in ("yes", "no")
+
+
+def _human_answers(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 10 and all(
+        isinstance(a, str) or (isinstance(a, dict) and isinstance(a.get("answer"), str)) for a in value
+    )
+
+
+def _strings(value: Any) -> list[str]:
+    """VQA's `[{"answer": ...}]` or TextVQA's `["..."]`, as strings."""
+    return [a["answer"] if isinstance(a, dict) else a for a in value]
+
+
+def _score_pope(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
+    return scorers.pope(texts, [t["label"] for t in truth], [q.category or "all" for q in questions])
+
+
+def _score_scienceqa(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
+    return scorers.scienceqa(texts, [t["answer"] for t in truth], [len(t["choices"]) for t in truth])
+
+
+def _score_vqa(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
+    return scorers.vqa_accuracy(texts, [_strings(t["answers"]) for t in truth])
+
+
+def _score_gqa(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
+    return scorers.gqa(texts, [t["answer"] for t in truth])
+
+
+def _score_mme(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
+    return scorers.mme(texts, [t["answer"] for t in truth],
+                       [q.category or "all" for q in questions], [q.image for q in questions])
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    suffix: str
+    truth: dict[str, tuple[Callable[[Any], bool], str]]  # field -> (check, what it must be)
+    score: Callable[[Sequence[str], Sequence[dict], Sequence[Question]], dict]
+    submission: bool = False  # scored by a server when no annotations are given
+    match: str = "question_id"  # or "textvqa", "pope": see the module's docstring
+
+    def prompt(self, text: str) -> str:
+        return text if text.endswith(self.suffix) else text + self.suffix
+
+    def ground_truth(self, questions: Sequence[Question], annotations: Annotations,
+                     sources: str) -> list[dict]:
+        """Each question's record (its line updated by its annotation); a repeated
+        question, a missing or mistyped field raises DataError naming the question."""
+        by_id = annotations.by_id()
+        by_text = {(str(r["image_id"]), r["question"].lower()): r for r in by_id.values()
+                   if isinstance(r.get("question"), str) and "image_id" in r}
+        by_line = _pope_by_line(questions, annotations) if self.match == "pope" else {}
+        truth, seen = [], {}
+        for q in questions:
+            key = (q.key, textvqa_question(self.prompt(q.text))) if self.match == "textvqa" else q.key
+            if key in seen:
+                raise DataError(f"question line {q.line}: question_id {q.question_id!r} repeats line "
+                                f"{seen[key]}: give every question its own id")
+            seen[key] = q.line
+            if self.match == "pope":
+                found = by_line.get(q.line, {})
+            else:
+                found = (by_text.get(key) if self.match == "textvqa" else None) or by_id.get(q.key, {})
+            record = {**q.fields, **found}
+            for field, (check, kind) in self.truth.items():
+                if field not in record or not check(record[field]):
+                    raise DataError(
+                        f"question_id {q.question_id!r} (question line {q.line}): no '{field}' "
+                        f"({kind}) in {sources}: give --annotations with the {self.name} ground truth"
+                    )
+            truth.append(record)
+        return truth
+
+
+TASKS = {
+    task.name: task for task in (
+        Task("pope", SHORT_ANSWER, {"label": (_label, '"yes" or "no"')}, _score_pope, match="pope"),
+        Task("scienceqa_img", OPTION_LETTER,
+             {"answer": (lambda v: isinstance(v, int), "the right choice's index"),
+              "choices": (lambda v: isinstance(v, list) and 0 < len(v) <= 5, "a list of up to 5 choices")},
+             _score_scienceqa),
+        Task("textvqa", SHORT_ANSWER, {"answers": (_human_answers, "10 human answers")}, _score_vqa,
+             match="textvqa"),
+        Task("vqav2", SHORT_ANSWER, {"answers": (_human_answers, "10 human answers")}, _score_vqa,
+             submission=True),
+        Task("gqa", SHORT_ANSWER, {"answer": (lambda v: isinstance(v, str), "a string")}, _score_gqa),
+        Task("mme", SHORT_ANSWER, {"answer": (lambda v: isinstance(v, str) and v.lower() in ("yes", "no"),
+                                              '"Yes" or "No"')}, _score_mme),
+    )
+}
+
+
+def _pope_by_line(questions: Sequence[Question], annotations: Annotations) -> dict[int, dict]:
+    """POPE's labels by question line: file `coco_pope_<category>.json` (eval_pope.py:75-77)
+    in order against that category's questions in order (lines 6, 78-80)."""
+    by_line = {}
+    for path, records in annotations.files:
+        if not (path.name.startswith("coco_pope_") and path.name.endswith(".json")):
+            raise DataError(f"--annotations {path}: POPE's label files are named coco_pope_<category>.json "
+                            f"(their lines are matched in order to that category's questions, as "
+                            f"eval_pope.py does): give POPE's files, or a 'label' in each question line")
+        category = path.name[len("coco_pope_"):-len(".json")]
+        mine = [q for q in questions if q.category == category]
+        if len(mine) != len(records):
+            raise DataError(f"--annotations {path}: {len(records)} labels for the {len(mine)} questions "
+                            f"of category '{category}' in the question file: give the question file "
+                            f"and the label file of the same POPE split")
+        by_line.update({q.line: r for q, r in zip(mine, records)})
+    return by_line
+
+
+def textvqa_question(prompt: str) -> str:
+    """The question in a TextVQA prompt, lower-cased, as eval_textvqa.py:17-32
+    (`prompt_processor`) finds it; "" where that function would fail its assert."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        question = match.group(1) if match else ""
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        question = ""
+    return question.lower()
+
+
+def vqav2_submission(questions: Sequence[Question], answers: dict[int, str]) -> list[dict]:
+    """The VQAv2 server's result file, as LLaVA-1.5's `scripts/convert_vqav2_for_submission.py`
+    writes it: `[{"question_id": int, "answer": EvalAI-normalised text}]` for every
+    question, "" where there is no answer (`answers`: text by question line)."""
+    result = []
+    for q in questions:
+        if not isinstance(q.question_id, int):
+            raise DataError(f"question line {q.line}: VQAv2's question_id is an integer, not "
+                            f"{q.question_id!r}: give the VQAv2 question ids")
+        result.append({"question_id": q.question_id,
+                       "answer": normalize_answer(answers[q.line]) if q.line in answers else ""})
+    return result
