@@ -1,73 +1,155 @@
-"""benchmarks/run.py end to end on the tiny model: its JSON, a FLOPs ratio that is
-megamod.training.flops' own for the same configs and samples, and ratios that are what
-their definitions say of the reported figures. No timing is asserted."""
+"""benchmarks/run.py end to end on the tiny model (`--smoke`), its figures against references
+made here: the FLOPs it reports for each variant against torch's FLOP counter over the
+forward of the models its overrides build, on the micro-batches it stepped; its KV-cache
+figures against a count by hand; its Hugging Face peer against the official model (the
+same loss before any step, the same FLOPs counted). No timing is asserted."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
+import torch
 
 from megamod.config import load_config
-from megamod.training.flops import Sample, sample_flops
-from tests.launcher import REPO, check, run
+from tests.launcher import REPO, TINY_CONFIG, check, run, world_of_one
+
+GENERATION_TOKENS = 8
 
 
-def test_benchmark_smoke_json() -> None:
+@pytest.fixture(scope="module")
+def result() -> dict:
     cmd = [sys.executable, "benchmarks/run.py", "--smoke", "--warmup", "1", "--steps", "1",
-           "--variants", "dense,mod,moe,hf", "--loader-steps", "2", "--json"]
-    result = json.loads(check(run(cmd, REPO, timeout=120)).stdout.strip().splitlines()[-1])
+           "--variants", "dense,mod,moe,hf", "--loader-steps", "2",
+           "--generation-tokens", str(GENERATION_TOKENS), "--json"]
+    return json.loads(check(run(cmd, REPO, timeout=120)).stdout.strip().splitlines()[-1])
 
+
+@pytest.fixture(scope="module")
+def counted(result) -> dict:
+    """Built here from the benchmark's own overrides (a world of one): the dense build's
+    first loader step (the micro-batches every variant stepped) and torch's FLOP count of
+    one forward over them of the dense, MoD and MoE models and of the HF peer."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from megamod.convert.hf import hf_config
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import build_model
+    from megamod.training.loop import build_loader
+    from tests.training.test_flops import CPU_ATTENTION
+
+    def forward_flops(model, hf: bool = False) -> int:
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+        with counter:
+            for batch in micro_batches:
+                if hf:
+                    model(input_ids=batch["tokens"], pixel_values=batch["images"])
+                else:
+                    model(batch["tokens"], batch["images"])
+        return counter.get_total_flops()
+
+    overrides = result["overrides"]
+    tokenizer = load_tokenizer("tiny")
+    flops = {}
+    with world_of_one(overrides["dense"]) as dense:
+        with build_loader(dense, tokenizer) as loader:
+            micro_batches = loader.next_step()
+        for name in ("dense", "mod", "moe"):
+            # The MoD model computes its kept tokens padded to a multiple of 8; model FLOPs
+            # count the kept tokens only (tests/training/test_flops.py does the same).
+            extra = ["mod.kept_length_multiple=1"] if name == "mod" else []
+            model = build_model(load_config(TINY_CONFIG, overrides[name] + extra), tokenizer)
+            flops[name] = forward_flops(model.eval())
+        # The HF peer as the benchmark builds it (megamod convert's config of the dense
+        # model; FLOPs do not depend on the weights), eager attention as on CPU there.
+        config = LlavaConfig.from_dict(
+            hf_config(dense, tokenizer.image_token_id, result["vocab_size"], torch.float32))
+        hf = LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
+        flops["hf"] = forward_flops(hf.eval(), hf=True)
+    return {"config": dense, "micro_batches": micro_batches, "flops": flops,
+            "image_token_id": tokenizer.image_token_id, "pad_id": tokenizer.pad_id}
+
+
+def test_json_carries_every_figure(result):
     assert set(result["variants"]) == {"dense", "mod", "moe", "hf"}
     for numbers in result["variants"].values():
         assert {"step_time_s", "tokens_per_s", "tflops_per_step", "tflops_per_s"} <= numbers.keys()
         assert numbers["step_time_s"] > 0
-    ratios, variants = result["ratios"], result["variants"]
-    assert set(ratios) == {
+    assert set(result["ratios"]) == {
         "ratio_mod_vs_dense", "ratio_moe_vs_dense", "ratio_moe_vs_dense_per_flop",
         "ratio_megamod_vs_hf", "flops_ratio", "kv_cache_ratio", "ratio_loader_vs_step",
         "ratio_mod_vs_dense_prefill", "ratio_mod_vs_dense_decode",
         *(f"{key}_b{batch}" for batch in (1, 8) for key in (
             "ratio_mod_vs_dense_prefill", "ratio_mod_vs_dense_decode", "kv_cache_ratio_measured")),
     }
-    time_per_flop = {name: variants[name]["step_time_s"] / variants[name]["tflops_per_step"]
-                     for name in ("moe", "dense")}
-    assert ratios["ratio_moe_vs_dense_per_flop"] == pytest.approx(
-        time_per_flop["moe"] / time_per_flop["dense"], rel=1e-12)
-
-    # The loader figure: images the loader delivered per second against the images of the
-    # dense step's samples per second of its step time.
     loader = result["loader"]
     assert loader["decoder"] in {"DaliImageDecoder", "PythonImageDecoder"}
     assert loader["images"] > 0 and loader["images_per_s"] > 0
-    step_images = sum(result["images_per_sample"]) / variants["dense"]["step_time_s"]
-    assert loader["step_images_per_s"] == pytest.approx(step_images, rel=1e-12)
-    assert ratios["ratio_loader_vs_step"] == pytest.approx(
-        loader["images_per_s"] / step_images, rel=1e-12)
+    assert set(result["generation"]) == {f"{n}/b{b}" for n in ("dense", "mod") for b in (1, 8)}
 
-    # The HF peer holds the dense model's weights (megamod convert's adapter): same loss.
+
+def test_reported_flops_are_torchs_count_of_the_benchmarked_models(result, counted):
+    """Training FLOPs are 3x the forward's (megamod.training.flops' convention); the
+    forward's are counted here by torch over the same micro-batches (measured: equal)."""
+    image_id, patches = counted["image_token_id"], counted["config"].model.vision.num_patches
+    images = [int(n) for b in counted["micro_batches"] for n in (b["tokens"] == image_id).sum(1)]
+    assert [n // patches for n in images] == result["images_per_sample"]
+    assert all(n % patches == 0 for n in images) and sum(images) > 0  # MoD has tokens to drop
+    flops = counted["flops"]
+    for name in ("dense", "mod", "moe"):
+        reported = result["variants"][name]["tflops_per_step"] * 1e12
+        assert reported == pytest.approx(3 * flops[name], rel=1e-12), name
+    # MoD drops vision tokens, MoE runs 2 experts of the dense FFN's width per token.
+    assert flops["mod"] < flops["dense"] < flops["moe"]
+    assert result["ratios"]["flops_ratio"] == pytest.approx(
+        flops["mod"] / flops["dense"], rel=1e-12)
+
+
+def test_hf_peer_is_the_dense_model(result, counted):
+    """The peer the step time is compared with does the dense model's work: torch counts
+    the same FLOPs in HF's forward, and with the dense model's weights it computes the
+    same loss before any step (measured: equal; float32 allows a few ulps)."""
+    assert counted["flops"]["hf"] == counted["flops"]["dense"]
+    assert result["variants"]["hf"]["tflops_per_step"] * 1e12 == pytest.approx(
+        3 * counted["flops"]["hf"], rel=1e-12)
     losses = result["same_weights_loss"]
-    assert losses["hf"] == pytest.approx(losses["megamod"], rel=1e-5)
+    assert losses["hf"] == pytest.approx(losses["megamod"], rel=1e-6)
 
-    # Generation: dense and MoD at batch 1 and 8; the ratios are the reported numbers'.
-    generation = result["generation"]
-    assert set(generation) == {f"{name}/b{batch}" for name in ("dense", "mod") for batch in (1, 8)}
+
+def test_kv_cache_figures_by_hand(result, counted):
+    """The smoke shape's decoder has 2 layers; PRD keeps layer 0 dense (r = 1) and makes
+    layer 1 a MoD layer keeping max(r, 0.15) = 0.15 of the vision tokens (r = 0). Keys
+    and values cache num_query_groups x head_dim values per token and layer."""
+    config = counted["config"]
+    language, patches = config.model.language, config.model.vision.num_patches
+    assert language.num_layers == 2
+    assert math.cos(math.pi) / 2 + 0.5 == 0.0  # PRD's r of layer 1 of 2
+
+    def kept(tokens: int, vision: int) -> list[int]:  # per layer: dense, then MoD
+        return [tokens, tokens - vision + math.trunc(vision * 0.15)]
+
+    # The typical sample of kv_cache_ratio: one image, the full sequence.
+    typical = kept(language.seq_length, patches)
+    assert result["ratios"]["kv_cache_ratio"] == pytest.approx(
+        sum(typical) / (2 * language.seq_length), rel=1e-12)
+
+    # Generation caches, as allocated (fp32): each prompt (the benchmark's sample without
+    # its padding, cycled over the batch) plus the GENERATION_TOKENS fed back.
+    head_dim = language.hidden_size // language.num_attention_heads
+    per_token = 2 * language.num_query_groups * head_dim * 4
+    (sample,) = [row for b in counted["micro_batches"] for row in b["tokens"].tolist()]
+    while sample[-1] == counted["pad_id"]:
+        sample.pop()
+    vision = sample.count(counted["image_token_id"])
+    assert 0 < vision < len(sample)
     for batch in (1, 8):
-        mod, dense = generation[f"mod/b{batch}"], generation[f"dense/b{batch}"]
-        assert mod["prefill_s"] > 0 and dense["decode_token_s"] > 0
-        assert 0 < mod["kv_cache_bytes"] < dense["kv_cache_bytes"]  # PRD: 1 of the 2 layers
-        assert ratios[f"ratio_mod_vs_dense_decode_b{batch}"] == pytest.approx(
-            mod["decode_token_s"] / dense["decode_token_s"], rel=1e-12)
-    assert ratios["ratio_mod_vs_dense_prefill"] == ratios["ratio_mod_vs_dense_prefill_b8"]
-
-    base = REPO / "examples" / "configs" / "tiny.yaml"
-    configs = {name: load_config(base, result["overrides"][name]) for name in ("dense", "mod")}
-    seq_length = configs["dense"].model.language.seq_length
-    samples = [Sample(images, seq_length) for images in result["images_per_sample"]]
-    flops = {
-        name: sum(sample_flops(config, sample, result["vocab_size"]) for sample in samples)
-        for name, config in configs.items()
-    }
-    assert ratios["flops_ratio"] == pytest.approx(flops["mod"] / flops["dense"], rel=1e-12)
-    assert variants["hf"]["tflops_per_step"] == variants["dense"]["tflops_per_step"]
+        dense = result["generation"][f"dense/b{batch}"]["kv_cache_bytes"]
+        mod = result["generation"][f"mod/b{batch}"]["kv_cache_bytes"]
+        slots = [n + GENERATION_TOKENS for n in kept(len(sample), vision)]
+        assert dense == batch * 2 * slots[0] * per_token
+        assert mod == batch * sum(slots) * per_token
+        assert result["ratios"][f"kv_cache_ratio_measured_b{batch}"] == pytest.approx(
+            sum(slots) / (2 * slots[0]), rel=1e-12)

@@ -2,8 +2,10 @@
 
 Two runs: a MoE one (4 experts on layers 0 and 2, TP=1) and a dense one at TP=2 + SP.
 What the inspector reports is checked against counts made here, independently: the
-same models built in this process (parameters per part by `numel`) and the same batches
-read by the same loader (image tokens by the `<image>` token id).
+same models built in this process (parameters per part by `numel`), the same batches
+read by the same loader (image tokens by the `<image>` token id), and the MoE
+checkpoint's routing recomputed from those batches (each router's input x weight,
+softmax, top-2, counted per modality).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.launcher import REPO, TINY_CONFIG, check, free_port, megamod_train, run
@@ -54,29 +57,34 @@ def report(moe_ckpt) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    """Counted here as a world of one: parameters per part of both models, and the
-    tokens of the first BATCHES global batches of tiny."""
+def reference(moe_ckpt) -> dict:
+    """Counted here as a world of one: parameters per part of both models, the tokens of
+    the first BATCHES global batches of tiny, and where the MoE checkpoint's routers send
+    them (`count_routing`)."""
     from megamod.config import load_config
     from megamod.data.loader import build_train_loader
     from megamod.data.tokenizer import load_tokenizer
     from megamod.parallel import destroy_distributed, init_distributed
-    from megamod.training.loop import build_model
+    from megamod.models.build import build_model
+    from megamod.training.checkpoint import load_model_weights
 
     moe_config = load_config(TINY_CONFIG, MOE)
     # TP=2 pads the vocabulary to a multiple of 64 x 2; at TP=1 the same model needs 128.
     dense_config = load_config(TINY_CONFIG, ["model.language.make_vocab_size_divisible_by=128"])
     tokenizer = load_tokenizer(moe_config.data.tokenizer)
+    with build_train_loader(moe_config, tokenizer, dp_rank=0, dp_size=1) as loader:
+        batches = [b for _ in range(BATCHES) for b in loader.next_step()]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MASTER_PORT", str(free_port()))
         init_distributed(moe_config.parallel, moe_config.train.seed)
         try:
-            params = {"moe": part_sizes(build_model(moe_config, tokenizer)),
+            moe_model = build_model(moe_config, tokenizer)
+            params = {"moe": part_sizes(moe_model),
                       "dense": part_sizes(build_model(dense_config, tokenizer))}
+            load_model_weights(moe_ckpt, moe_model)
+            slots = count_routing(moe_model, batches, tokenizer.image_token_id)
         finally:
             destroy_distributed()
-    with build_train_loader(moe_config, tokenizer, dp_rank=0, dp_size=1) as loader:
-        batches = [b for _ in range(BATCHES) for b in loader.next_step()]
     image = sum(int((b["tokens"] == tokenizer.image_token_id).sum()) for b in batches)
     return {
         "params": params,
@@ -84,7 +92,43 @@ def reference() -> dict:
         "image_tokens": image,
         "images": sum(b["images"].shape[0] for b in batches),
         "patches": moe_config.model.vision.num_patches,
+        "slots": slots,
     }
+
+
+def count_routing(model, batches: list[dict], image_id: int) -> dict[int, np.ndarray]:
+    """Per MoE layer, [2, experts]: the top-2 choices of its router for the text and the
+    image tokens of `batches`, recomputed from what each router receives (forward
+    pre-hooks, the model in eval mode as the inspector runs it): softmax(x W^T), float64."""
+    import torch
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = {int(re.search(r"layers\.(\d+)\.", name).group(1)): module
+               for name, module in model.named_modules() if isinstance(module, TopKRouter)}
+    seen: list[tuple[int, torch.Tensor]] = []
+    hooks = [router.register_forward_pre_hook(
+        lambda module, args, layer=layer: seen.append((layer, args[0].detach())))
+        for layer, router in routers.items()]
+    slots = {layer: np.zeros((2, router.weight.shape[0])) for layer, router in routers.items()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                seen.clear()
+                model(batch["tokens"], batch["images"])
+                assert sorted(layer for layer, _ in seen) == sorted(routers)
+                is_image = (batch["tokens"].t() == image_id).reshape(-1)  # router order [s, b]
+                for layer, x in seen:
+                    x = x.double().reshape(-1, x.shape[-1])
+                    logits = x @ routers[layer].weight.double().t()
+                    chosen = torch.softmax(logits, -1).topk(2, dim=-1).indices
+                    picked = torch.zeros_like(logits).scatter_(1, chosen, 1.0)
+                    for modality, rows in enumerate((~is_image, is_image)):
+                        slots[layer][modality] += picked[rows].sum(0).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return slots
 
 
 def part_sizes(model) -> dict[str, int]:
@@ -129,19 +173,23 @@ def test_routing(report, reference):
     # Every MoE layer routes every token of the batches (TP=1, no sequence split).
     assert routing["tokens"] == {"text": [text, text], "image": [image, image]}
     assert routing["dropped_fraction"] == pytest.approx([0.0, 0.0], abs=1e-12)  # dropless
-    for modality in ("all", "text", "image"):
-        load = routing["load"][modality]
-        assert len(load) == 2 and all(len(row) == 4 for row in load)
-        assert [sum(row) for row in load] == pytest.approx([1.0, 1.0], abs=1e-6)
-    # Dropless top-2: each modality fills 2 slots per token, so `all` mixes by token count.
-    for layer in range(2):
-        mix = [(text * t + image * i) / (text + image)
-               for t, i in zip(routing["load"]["text"][layer], routing["load"]["image"][layer])]
-        assert routing["load"]["all"][layer] == pytest.approx(mix, abs=1e-9)
+    # The shares against the routing recomputed here from the same checkpoint and batches.
+    for row, layer in enumerate(routing["moe_layers"]):
+        slots = reference["slots"][layer]
+        assert slots.sum() == 2 * (text + image)  # every token chose 2 experts
+        for modality, counted in (("all", slots.sum(0)), ("text", slots[0]), ("image", slots[1])):
+            # float64 quotients of integer counts on both sides, equal when the counts are
+            # (2 batches x 8 x 128 tokens x 2 slots: one slot moved shifts a share by
+            # 1 / 4096 or more).
+            assert routing["load"][modality][row] == pytest.approx(
+                counted / counted.sum(), rel=1e-12, abs=0), (modality, layer)
+    # Not vacuous: the trained routers are unbalanced, unlike a uniform 0.25 each.
+    assert max(abs(share - 0.25) for load in routing["load"].values() for row in load
+               for share in row) > 0.01
 
 
 def test_routing_table_prints_every_share(report):
-    from megamod.inspector import format_routing
+    from megamod.cli.inspect import format_routing
 
     routing = report["routing"]
     blocks = format_routing(routing).split("\n\n")[1:]
@@ -186,8 +234,10 @@ def test_flops_of_the_pmod_config_against_the_schedule_by_hand(tmp_path):
     import math
 
     config = REPO / "examples" / "configs" / "pmod" / "llava15_7b.yaml"
+    # Vicuna's 32,000 tokens + <image>, padded: the tokenizer folder is not needed then.
     result = check(run([sys.executable, "-m", "megamod", "inspect", str(config), "--flops",
-                        "--text-tokens", "0", "--json"], cwd=tmp_path))
+                        "--text-tokens", "0", "--json", "model.language.vocab_size=32128"],
+                       cwd=tmp_path))
     report = json.loads(result.stdout.strip().splitlines()[-1])
     kept = []
     for layer in range(32):

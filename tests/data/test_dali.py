@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali")
+# Skipped only where DALI is not installed; an installed DALI that fails to import fails.
+pytest.importorskip("nvidia.dali", exc_type=ModuleNotFoundError)
 
-from megamod.data.dali import DaliImageDecoder  # noqa: E402
-from megamod.data.loader import PythonImageDecoder, build_train_loader  # noqa: E402
+from megamod.data.decode import DaliImageDecoder  # noqa: E402
+from megamod.data.decode import PythonImageDecoder  # noqa: E402
+from megamod.data.loader import build_train_loader  # noqa: E402
 from megamod.data.tokenizer import load_tokenizer  # noqa: E402
 from tests.data.fixtures import build_fixture_shards, image_bytes, truncated_jpeg  # noqa: E402
 from tests.data.test_loader import config  # noqa: E402
@@ -40,6 +42,14 @@ def pool():
         yield pool
 
 
+# |DALI - Pillow| in normalised units over the 8 decodable images, measured (DALI 2.4.0 CPU,
+# Pillow, deterministic): the largest pixel difference and the largest per-image mean.
+# Bicubic kernels differ slightly (more at 28 px, where each output pixel spans more of
+# the input); the tolerances are 1.5x these.
+MEASURED = {(336, "pad"): (0.0711, 0.00228), (336, "resize"): (0.1051, 0.00277),
+            (28, "pad"): (0.1280, 0.00470), (28, "resize"): (0.1606, 0.00470)}
+
+
 @pytest.mark.parametrize("size", [336, 28])
 @pytest.mark.parametrize("aspect", ["pad", "resize"])
 def test_dali_cpu_matches_pillow(pool, size, aspect):
@@ -51,8 +61,9 @@ def test_dali_cpu_matches_pillow(pool, size, aspect):
     assert got.shape == want.shape == (len(images), 3, size, size) and got.dtype == np.float32
     assert list(errors) == list(want_errors) == [len(images) - 1]  # the truncated JPEG, in both
     diff = np.abs(got[:-1] - want[:-1])
-    # Measured: mean <= 0.005, max <= 0.17 (normalised units; bicubic kernels differ slightly).
-    assert diff.mean(axis=(1, 2, 3)).max() < 0.02 and diff.max() < 0.5
+    largest, mean = MEASURED[size, aspect]
+    assert diff.max() < 1.5 * largest, diff.max()
+    assert diff.mean(axis=(1, 2, 3)).max() < 1.5 * mean, diff.mean(axis=(1, 2, 3))
     assert np.array_equal(got[-2], want[-2])  # the GIF went to Pillow
     assert not got[-1].any()
 
@@ -68,4 +79,8 @@ def test_loader_batches_agree_across_decoders(tmp_path):
                 for key in ("tokens", "labels", "loss_mask"):
                     assert torch.equal(a[key], b[key])
                 assert a["images"].shape == b["images"].shape
-                assert (a["images"] - b["images"]).abs().mean() < 0.02
+                # 28 px images: measured at most 0.128 per pixel and 0.0047 per image mean
+                # (as above: the same decoders); tolerances 1.5x.
+                diff = (a["images"] - b["images"]).abs()
+                assert diff.max() < 1.5 * 0.1280, diff.max()
+                assert diff.mean(dim=(1, 2, 3)).max() < 1.5 * 0.00470, diff.mean(dim=(1, 2, 3))

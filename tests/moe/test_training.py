@@ -88,7 +88,8 @@ def hooked_train(nproc: int, overrides: list[str], root: Path, records: Path):
     records.mkdir()
     script = root / "hooked_cli.py"
     script.write_text(HOOKED_CLI)
-    return torchrun(nproc, [str(script), str(records), "train", str(TINY_CONFIG), *overrides], cwd=root)
+    args = [str(script), str(records), "train", str(TINY_CONFIG), *overrides]
+    return torchrun(nproc, args, cwd=root)
 
 
 def read_records(records: Path, rank: int) -> list[dict]:
@@ -220,12 +221,14 @@ def test_logged_aux_loss_is_the_switch_loss_of_the_routing(events, reference):
 def test_logged_expert_loads_are_the_routing_counts(events, reference):
     """moe/expert_load[/text|/image]/layer<i>/expert<j> of every step against the shares
     of the top-2 choices counted here from the routers' own inputs (both ranks)."""
-    assert logged(events, "moe/dropped_fraction") == {s: 0.0 for s in range(1, STEPS + 1)}  # dropless
+    dropless = {s: 0.0 for s in range(1, STEPS + 1)}
+    assert logged(events, "moe/dropped_fraction") == dropless  # no capacity factor
     assert "moe/expert_load/layer1/expert0" not in set(events.Tags()["scalars"])
     for step, layers in reference.items():
         for layer, counted in layers.items():
             slots = counted["slots"]
-            for prefix, row in (("moe/expert_load", slots.sum(0)), ("moe/expert_load/text", slots[0]),
+            for prefix, row in (("moe/expert_load", slots.sum(0)),
+                                ("moe/expert_load/text", slots[0]),
                                 ("moe/expert_load/image", slots[1])):
                 shares = [logged(events, f"{prefix}/layer{layer}/expert{e}")[step]
                           for e in range(EXPERTS)]

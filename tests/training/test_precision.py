@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megamod.config import load_config
-from megamod.training.precision import fp8_fields, fp8_refusal
+from megamod.precision import fp8_fields, fp8_refusal
 from tests.launcher import REPO, TINY_CONFIG, free_port, run, torchrun
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
@@ -37,6 +37,12 @@ def column(result: dict, key: str) -> list[float]:
     return [step[key] for step in result["steps"]]
 
 
+# Largest relative difference of a step's loss from fp32's over the 8 steps (the NaN step's
+# included), measured: bf16 TP=1 1.68e-3, fp16 1.87e-4, bf16 TP=2 + SP 6.97e-4 (the
+# differences grow after a few updates). Tolerances ~1.8x.
+LOSS_RTOL = {"bf16_tp1": 3e-3, "fp16_tp1": 3.5e-4, "bf16_tp2": 1.3e-3}
+
+
 @pytest.mark.parametrize("name", ["bf16_tp1", "fp16_tp1", "bf16_tp2"])
 def test_mixed_precision_trains_like_fp32(results, name):
     result, reference = results[name], results["fp32_tp1"]
@@ -45,22 +51,23 @@ def test_mixed_precision_trains_like_fp32(results, name):
     assert result["main_param_dtypes"] == ["torch.float32"]  # Adam on fp32 main params
     losses = column(result, "train/loss")
     assert all(math.isfinite(loss) for loss in losses)
-    assert losses[-1] < losses[0] - 0.8, "the loss should clearly fall"
-    # Measured: at most 4e-4 relative (bf16), 5e-5 (fp16).
-    assert losses == pytest.approx(column(reference, "train/loss"), rel=3e-3)
-    assert column(result, "train/lr") == pytest.approx(column(reference, "train/lr"))
+    assert losses[-1] < losses[0] - 0.8, "the loss should clearly fall"  # measured: by 1.38
+    assert losses == pytest.approx(column(reference, "train/loss"), rel=LOSS_RTOL[name])
+    assert column(result, "train/lr") == column(reference, "train/lr")  # the same schedule
 
 
 def test_bf16_tp2_sp_matches_bf16_tp1(results):
     tp2, tp1 = results["bf16_tp2"], results["bf16_tp1"]
-    assert column(tp2, "train/loss") == pytest.approx(column(tp1, "train/loss"), rel=3e-3)
+    # Measured: at most 1.16e-3 relative.
+    assert column(tp2, "train/loss") == pytest.approx(column(tp1, "train/loss"), rel=2e-3)
     assert set(tp2["grads"]) == set(tp1["grads"])
     for name, grad in tp1["grads"].items():
         assert grad.abs().sum() > 0, f"{name} got no gradient"
-        # bf16 rounds to 3 significant digits; measured at most 1.3 % per tensor, as bf16
-        # TP=1 differs from fp32. A TP/SP mistake (a missing or doubled reduction) is 50 %+.
+        # bf16 rounds to 3 significant digits; measured at most 0.98 % per tensor (bf16
+        # TP=1 differs from fp32 by up to 1.4 %). A TP/SP mistake (a missing or doubled
+        # reduction) is 50 %+.
         relative = ((tp2["grads"][name] - grad).norm() / grad.norm()).item()
-        assert relative < 0.05, f"{name}: {relative:.3g}"
+        assert relative < 0.02, f"{name}: {relative:.3g}"
 
 
 @pytest.mark.parametrize("name", ["fp32_tp1", "bf16_tp1", "bf16_tp2"])
