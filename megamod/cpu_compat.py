@@ -15,9 +15,16 @@ Three mechanisms, each the narrowest that works:
 3. Single upstream functions or classes that cannot be redirected are replaced (RNG
    tracker state get/set, the torch norm wrapper under sequence parallelism, the MoE
    router's TE gemm name and the alltoall dispatcher's split sizes) or wrapped (the
-   mixed-precision optimizer's parameter sorting, which names CUDA tensor types).
+   mixed-precision and distributed optimizers' parameter sorting, which names CUDA
+   tensor types; the distributed optimizer's state loading, which misses torch AdamW's
+   per-parameter step).
 
-Every patch here is exercised by tests/test_cpu_compat.py or the distributed tests.
+gloo needs no shim: with overlap off, megatron-core's DDP and distributed optimizer call
+`reduce_scatter_tensor` and `all_gather_into_tensor` (in `_coalescing_manager`), which
+torch 2.13's gloo backend runs on CPU tensors.
+
+Every patch here is exercised by tests/test_cpu_compat.py or the distributed tests
+(the distributed optimizer's: tests/training/test_distributed_optimizer.py).
 """
 
 from __future__ import annotations
@@ -229,8 +236,7 @@ def _patch_float16_optimizer() -> None:
     main copies by `param.type()` in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']
     or == 'torch.cuda.FloatTensor', and raises TypeError for anything else: every CPU
     parameter. While it runs, CPU parameters report the CUDA name of their dtype, so they
-    are sorted as on a GPU; the rest of the class is upstream's. (The distributed
-    optimizer, distrib_optimizer.py ~361/420, sorts the same way; it stays GPU-only.)"""
+    are sorted as on a GPU; the rest of the class is upstream's."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     original_init = Float16OptimizerWithFloat16Params.__init__
@@ -240,6 +246,42 @@ def _patch_float16_optimizer() -> None:
             original_init(self, *args, **kwargs)
 
     Float16OptimizerWithFloat16Params.__init__ = init_accepting_cpu_params
+
+
+def _patch_distributed_optimizer() -> None:
+    """Mechanism 3f: optimizer/distrib_optimizer.py `DistributedOptimizer.__init__` sorts
+    the parameters as the mixed-precision optimizer does (~line 582: which get a sharded
+    fp32 `main_param`; `_build_model_and_main_param_groups` ~lines 361 and 420: fp32 main
+    shards of bf16/fp16 params, or views of fp32 ones) by CUDA type names, and raises
+    TypeError for every CPU parameter. While it runs, CPU parameters report the CUDA name
+    of their dtype; the rest of the class is upstream's."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original_init = DistributedOptimizer.__init__
+
+    def init_accepting_cpu_params(self: Any, *args: Any, **kwargs: Any) -> None:
+        with _parameters_report_cuda_types():
+            original_init(self, *args, **kwargs)
+
+    DistributedOptimizer.__init__ = init_accepting_cpu_params
+
+    # ~line 935, `_set_main_param_and_optimizer_states`: copies every entry of the shard's
+    # Adam state from the loaded tensors, but the loaded ones (~line 2095,
+    # `load_parameter_state_from_fully_reshardable`) never hold "step", which only torch's
+    # AdamW (the optimizer without apex/TE, i.e. on CPU) keeps per parameter: KeyError at
+    # every resume. `load_state_dict` has already set that step from the checkpoint's
+    # param groups (~line 805): keep it.
+    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states_keeping_step(self: Any, model_param: Any, tensors: dict) -> None:
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            if "step" in self.optimizer.state[main_param]:
+                tensors = {**tensors, "step": self.optimizer.state[main_param]["step"]}
+        original_set(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
 
 
 def _patch_moe() -> None:
@@ -278,5 +320,6 @@ def apply() -> None:
     _patch_torch_norm()
     _patch_clip_grads()
     _patch_float16_optimizer()
+    _patch_distributed_optimizer()
     _patch_moe()
     _applied = True

@@ -201,11 +201,6 @@ def check_device_support(config: Config) -> None:
     # bf16 and fp16 run everywhere (torch computes both on CPU; megamod.cpu_compat lets
     # megatron-core's mixed-precision optimizer take CPU tensors); fp8 needs TE and Hopper.
     check_fp8_supported(config.precision)
-    if config.parallel.use_distributed_optimizer and not on_gpu:
-        # distrib_optimizer.py only accepts torch.cuda.*Tensor params.
-        raise ConfigError(
-            "parallel.use_distributed_optimizer=true needs GPUs: set it to false on CPU"
-        )
     if config.parallel.sequence_parallel and on_gpu:
         from megamod.models.specs import transformer_engine_available
 

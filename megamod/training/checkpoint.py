@@ -6,8 +6,8 @@ finished does rank 0 rename it to `iter_NNNNNNN` and then replace the tracker fi
 A process killed mid-write leaves the temporary folder behind, never a torn
 `iter_*` named as latest; the next save removes it.
 
-Model and optimizer state are sharded tensors, so a checkpoint loads at another TP
-(and EP) size. Scheduler, data position, iteration and the run's whole config are common
+Model and optimizer state are sharded tensors, so a checkpoint loads at another TP,
+EP and DP size, and with the plain or the distributed optimizer whichever saved it. Scheduler, data position, iteration and the run's whole config are common
 state (written once): tools read the model shape from it (`saved_config`), and a run
 whose MoE layout disagrees with its checkpoint is told which key to change. RNG states
 are per rank and restored only when the parallel layout is unchanged.
@@ -39,7 +39,13 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    LocalNonpersistentObject,
+    ShardedBase,
+    ShardedObject,
+)
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megamod.config import CheckpointConfig, Config, build_dataclass
 from megamod.errors import CheckpointError, ConfigError
@@ -59,15 +65,15 @@ _INDEX_FILE = ".metadata"
 # optimizer state would not load at EP=1 (one optimizer). Keys without the prefix are
 # the same for every layout (Megatron-LM sets this for its own dist checkpoints).
 # The distributed optimizer's state is written "fully_reshardable" (distrib_optimizer.py
-# `sharded_param_state_fully_reshardable`): gathered over DP (with gloo, onto DP rank 0
-# only: "mem_efficient") and stored per model tensor under the model tensor's sharding,
-# so it loads at any DP (and TP/EP) size. 0.16.1's default, "fully_sharded_model_space",
-# cannot be written: its flattened ShardedTensors are refused ("flattened_range is not
-# supported"); "dp_reshardable" loads only at the same TP/PP.
+# `sharded_param_state_fully_reshardable`): all-gathered over DP and stored per model
+# tensor under the model tensor's sharding and keys (`optimizer.state.exp_avg.<key>`, as
+# the plain optimizer's), so it loads at any DP (and TP/EP) size. 0.16.1's default,
+# "fully_sharded_model_space", cannot be written: its flattened ShardedTensors are
+# refused ("flattened_range is not supported"); "dp_reshardable" loads only at the same
+# TP/PP.
 _OPTIMIZER_METADATA = {
     "chained_optim_avoid_prefix": True,
     "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
 }
 # One key per decoder layer (`layers.<i>.`), never layers stacked into one tensor: dense,
 # MoE and MoD layers differ in their tensors, and a dense checkpoint must load into a
@@ -410,22 +416,136 @@ def load_checkpoint(
         )
     same_layout = common["parallel"] == parallel_layout()
 
+    subs = _sub_optimizers(optimizer)
+    for sub in subs:
+        if isinstance(sub, DistributedOptimizer) and sub.optimizer is not None \
+                and not sub.optimizer.state:
+            # Without apex/TE (torch's AdamW) its state_dict() needs Adam's state, which a
+            # fresh optimizer has not got: upstream's dummy step creates it (zero grads);
+            # the load overwrites all of it, main params included.
+            sub._init_optimizer_states_with_dummy_values()
     model_state = model_sharded_state_dict(model)
-    sharded = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(
-            model_state, is_loading=True, metadata=dict(_OPTIMIZER_METADATA)
-        ),
-    }
+    request = optimizer.sharded_state_dict(
+        model_state, is_loading=True, metadata=dict(_OPTIMIZER_METADATA)
+    )
+    saved_subs = _saved_subs(common["optimizer"], len(subs))
+    cross = _saved_by_distributed(saved_subs) != isinstance(subs[0], DistributedOptimizer)
+    sharded: dict[str, Any] = {"model": model_state}
+    if cross:
+        tensors, own = _optimizer_tensors_as_saved(request, model_state, ckpt_dir)
+        sharded["optimizer_tensors"] = tensors
+    else:
+        sharded["optimizer"] = request
     if same_layout:
         sharded["rng_state"] = _sharded_rng(None)
     state = _load(sharded, ckpt_dir)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if cross:
+        optimizer.load_state_dict(
+            _in_own_format(own, state["optimizer_tensors"], saved_subs, subs)
+        )
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(state["rng_state"])
     return iteration, common["data"]
+
+
+# Resuming across optimizers (distributed <-> plain): both store Adam's moments per model
+# tensor under the same keys (`optimizer.state.exp_avg.<model key>`), so only three things
+# differ and are translated: the fp32 main params' key (`optimizer.state.param.<key>`,
+# distributed; `optimizer.state.fp32_param.<key>`, plain bf16/fp16; none for plain fp32,
+# whose main params are the model's weights), where Adam's step count sits in the common
+# state, and that state's layout.
+
+
+def _sub_optimizers(optimizer: Any) -> list[Any]:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _saved_subs(saved: dict[Any, Any], count: int) -> list[dict[str, Any]]:
+    """The common state of each chained optimizer (ChainedOptimizer: by index, if several)."""
+    return [saved] if count == 1 else [saved[i] for i in range(count)]
+
+
+def _saved_by_distributed(saved_subs: list[dict[str, Any]]) -> bool:
+    return "param_state_sharding_type" in saved_subs[0]
+
+
+# Where a loaded tensor goes back into an optimizer's own state dict.
+_SLOT = object()
+
+
+def _optimizer_tensors_as_saved(
+    request: dict[Any, Any], model_state: dict[str, Any], ckpt_dir: Path
+) -> tuple[dict[str, Any], dict[Any, Any]]:
+    """The optimizer's sharded tensors, flat and numbered in traversal order, under the
+    keys the other optimizer saved them with; and its request with `_SLOT` in their place
+    (non-persistent values unwrapped). Main params that a plain fp32 optimizer saved as
+    the model's weights are the model's parameters themselves (loaded first, in place)."""
+    saved_keys = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    model_weights = {t.key: t.data for t in nested_values(model_state)
+                     if isinstance(t, ShardedBase)}
+    renames = (("optimizer.state.fp32_param.", "optimizer.state.param."),
+               ("optimizer.state.param.", "optimizer.state.fp32_param."))
+    flat: dict[str, Any] = {}
+
+    def saved_key(key: str) -> str:
+        for own_prefix, saved_prefix in renames:
+            if key.startswith(own_prefix):
+                renamed = saved_prefix + key[len(own_prefix):]
+                # Plain fp32 saved no main params: they were the model's weights.
+                return renamed if renamed in saved_keys else key[len(own_prefix):]
+        return key
+
+    def split(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: split(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [split(v) for v in x]
+        if isinstance(x, ShardedBase):
+            key = saved_key(x.key)
+            if key in model_weights:
+                return model_weights[key]
+            flat[str(len(flat))] = dataclasses.replace(x, key=key)
+            return _SLOT
+        return x.unwrap() if isinstance(x, LocalNonpersistentObject) else x
+
+    return flat, split(request)
+
+
+def _in_own_format(
+    own: dict[Any, Any], loaded: dict[str, torch.Tensor], saved_subs: list[dict[str, Any]],
+    subs: list[Any],
+) -> dict[Any, Any]:
+    """The loaded tensors put back into this optimizer's own state dict, with the other
+    optimizer's Adam step count and loss-scaler state."""
+    values = iter(loaded[str(i)] for i in range(len(loaded)))
+
+    def fill(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fill(v) for v in x]
+        return next(values) if x is _SLOT else x
+
+    state = fill(own)
+    for own_sub, saved_sub, sub in zip(_saved_subs(state, len(subs)), saved_subs, subs):
+        if "param_state_sharding_type" in saved_sub:
+            step = saved_sub["optimizer"]["param_groups"][0]["step"]
+        else:
+            saved_adam = saved_sub["optimizer"] if "optimizer" in saved_sub else saved_sub
+            step = saved_adam["state"]["common_step"]
+        if isinstance(sub, DistributedOptimizer):
+            for group in own_sub["optimizer"]["param_groups"]:
+                group["step"] = float(step)
+        else:
+            own_adam = own_sub["optimizer"] if "optimizer" in own_sub else own_sub
+            own_adam["state"]["common_step"] = torch.tensor(float(step))
+        if "grad_scaler" in saved_sub:
+            own_sub["grad_scaler"] = saved_sub["grad_scaler"]
+    return state
 
 
 def start_from(ckpt: CheckpointConfig) -> tuple[str | None, bool]:

@@ -45,8 +45,7 @@ def test_stage1_trains_only_the_projector(stage1_world):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusals")
-@pytest.mark.parametrize("override", ["parallel.use_distributed_optimizer=true",
-                                      "precision.fp8=hybrid"])
+@pytest.mark.parametrize("override", ["precision.fp8=hybrid"])
 def test_gpu_only_features_are_refused_on_cpu_with_the_key(stage1_world, override):
     from megamod.training.loop import setup
 
