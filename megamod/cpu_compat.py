@@ -85,12 +85,9 @@ def _patch_torch_cuda() -> None:
     # parallel_state.py (timeouts), dist_checkpointing/strategies/filesystem_async.py,
     # distributed_data_parallel.py: `torch.cuda.synchronize()` around collectives.
     cuda.synchronize = lambda device=None: None
-    cuda.empty_cache = lambda: None
     # distributed_data_parallel.py creates a side stream for overlapped grad reduction.
     cuda.Stream = _CpuStream
     cuda.current_stream = lambda device=None: _CpuStream()
-    cuda.default_stream = lambda device=None: _CpuStream()
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
     # tensor_parallel/random.py: `model_parallel_cuda_manual_seed` and the tracker's
     # `add` seed and read "the CUDA generator": on CPU that is the default generator.
     cuda.manual_seed = torch.manual_seed
@@ -134,8 +131,6 @@ _CUDA_LITERAL_MODULES = {
     "megatron.core.optimizer.grad_scaler": "backoff_factor",
     # get_grad_norm_fp32 / count_zeros_fp32: `total_norm_cuda`, `dummy_overflow_buf`.
     "megatron.core.optimizer.clip_grads": "total_norm_cuda",
-    # _ParamAndGradBuffer: `torch.zeros([1], device="cuda")` warm-up tensor.
-    "megatron.core.distributed.param_and_grad_buffer": "tmp_warmup_tensor",
     # local_multi_tensor_l2_norm (grad norm without apex/TE): `l2_cuda = torch.tensor(...)`.
     "megatron.core.utils": "l2_cuda",
     # get_default_causal_mask: `torch.ones(sq, sq, device="cuda")` (local attention).

@@ -4,11 +4,6 @@ numbers by hand). Without the patch each of these raises or computes something e
 test names the patch it covers. The patches are not applied where CUDA is present
 (simulated), and the spots they answer still exist upstream.
 
-Four patches have no such test, because removing them changes nothing here: a CPU build's
-torch.cuda.empty_cache and torch.cuda.stream already do nothing, torch.cuda.default_stream
-is only called on param_and_grad_buffer's several-distributed-optimizer-instances path,
-and param_and_grad_buffer's `tmp_warmup_tensor` only in its nccl_ub branch (NCCL only).
-
 The distributed tests run the same paths at TP/EP/DP > 1 through real training steps.
 """
 
