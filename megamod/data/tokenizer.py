@@ -1,7 +1,7 @@
 """Tokenizers for megamod: the bundled offline "tiny" BPE and local Hugging Face ones.
 
 `load_tokenizer("tiny")` needs no network and no download: it reads a byte-level BPE of
-875 tokens shipped in `assets/tiny_tokenizer.json`, trained on the texts of the
+887 tokens shipped in `assets/tiny_tokenizer.json`, trained on the texts of the
 bundled tiny data set (`megamod.data.tiny`) and the fixed words of the conversation
 templates, so the CPU quickstart encodes its samples in few tokens. Any other value is a
 local directory holding a Hugging Face tokenizer (e.g. a Vicuna or Llama-3 checkpoint's):

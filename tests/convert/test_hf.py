@@ -42,7 +42,7 @@ from megamod.data.tokenizer import load_tokenizer
 from megamod.errors import CheckpointError
 from tests.launcher import REPO, check, free_port, run, torchrun, world_of_one
 
-VOCAB = 875  # the tiny tokenizer's size: odd, so TP=2 needs padding
+VOCAB = load_tokenizer("tiny").vocab_size  # odd (887), so TP=2 needs padding
 IMAGE = 3  # its <image> id
 QUIET = ["checkpoint.save_dir=null", "checkpoint.save_interval=null",
          "logging.tensorboard_dir=null"]
@@ -331,7 +331,7 @@ def test_logits_match_hf_at_tp1(world, padded, inputs, hf_logits):
     model = load(padded)
     with torch.no_grad():
         logits = model(inputs["ids"], inputs["pixels"])
-    assert logits.shape[-1] == 1024  # 875 padded to a multiple of 128 x TP 2
+    assert logits.shape[-1] == 1024  # 887 padded to a multiple of 128 x TP 2
     torch.testing.assert_close(logits[..., :VOCAB], hf_logits, atol=1e-4, rtol=0)
     assert torch.equal(logits[..., VOCAB:], torch.zeros_like(logits[..., VOCAB:]))
 
