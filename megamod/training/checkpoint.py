@@ -7,7 +7,8 @@ A process killed mid-write leaves the temporary folder behind, never a torn
 `iter_*` named as latest; the next save removes it.
 
 Model and optimizer state are sharded tensors, so a checkpoint loads at another TP,
-EP and DP size, and with the plain or the distributed optimizer whichever saved it. Scheduler, data position, iteration and the run's whole config are common
+EP and DP size, and with the plain or the distributed optimizer whichever saved it.
+Scheduler, data position, iteration and the run's whole config are common
 state (written once): tools read the model shape from it (`saved_config`), and a run
 whose MoE layout disagrees with its checkpoint is told which key to change. RNG states
 are per rank and restored only when the parallel layout is unchanged.
