@@ -358,6 +358,20 @@ def check_moe_layout(load_dir: str | Path, config: Config) -> None:
     )
 
 
+def config_for_load(load_dir: str | Path, config: Config, tokenizer_size: int, finetune: bool) -> Config:
+    """`config` checked against the checkpoint it starts from (the MoE layout; on a resume,
+    MoD on or off), with the vocabulary rows the checkpoint was trained with (padded at
+    that run's TP size, which may differ from this one's) unless the config fixes them."""
+    from megamod.models.build import vocab_size, with_vocab_size
+
+    check_moe_layout(load_dir, config)
+    if not finetune:
+        check_resume_matches(load_dir, config)
+    if config.model.language.vocab_size is not None:
+        return config
+    return with_vocab_size(config, vocab_size(saved_config(load_dir), tokenizer_size))
+
+
 def check_resume_matches(load_dir: str | Path, config: Config) -> None:
     """Refuse a full resume whose config turns MoD on or off: the routers would be dropped
     (or start at zero mid-run) and the next save would no longer resume with the other

@@ -27,7 +27,7 @@ from megamod.config import Config
 from megamod.data.loader import TrainLoader, build_train_loader, prepare_tiny_shards
 from megamod.data.tokenizer import Tokenizer, load_tokenizer
 from megamod.errors import ConfigError
-from megamod.models.build import build_model, vocab_size, with_vocab_size
+from megamod.models.build import build_model
 from megamod.models.llava import LLaVA
 from megamod.parallel import check_device_support, collective_device, dist_env_from
 from megamod.training import checkpoint
@@ -139,12 +139,7 @@ def setup(config: Config) -> TrainState:
     tokenizer = load_tokenizer(config.data.tokenizer)
     load_dir, finetune = checkpoint.start_from(config.checkpoint)
     if load_dir is not None:
-        checkpoint.check_moe_layout(load_dir, config)
-        if config.model.language.vocab_size is None:
-            # The embedding keeps the rows it was trained with (padded at that run's TP
-            # size, which may differ from this one's).
-            saved = checkpoint.saved_config(load_dir)
-            config = with_vocab_size(config, vocab_size(saved, tokenizer.vocab_size))
+        config = checkpoint.config_for_load(load_dir, config, tokenizer.vocab_size, finetune)
     model = build_model(config, tokenizer)
     ddp_model = wrap_model(config, model)
     optimizer = build_optimizer(config, ddp_model)
@@ -160,7 +155,6 @@ def setup(config: Config) -> TrainState:
         optimizer.reload_model_params()
         logger.info(f"loaded model weights from {load_dir} (finetune: fresh optimizer and data)")
     elif load_dir is not None:
-        checkpoint.check_resume_matches(load_dir, config)
         state.iteration, data_state = checkpoint.load_checkpoint(
             load_dir, model, optimizer, scheduler
         )

@@ -664,7 +664,7 @@ def dry_run(config: Config, world_size: int, gpu_memory_gib: float) -> Plan:
     load_dir, finetune = checkpoint.start_from(config.checkpoint)
     found = None
     if load_dir is not None:
-        checkpoint.check_moe_layout(load_dir, config)
+        config = checkpoint.config_for_load(load_dir, config, tokenizer.vocab_size, finetune)
         iteration = checkpoint.read_latest_iteration(load_dir)
         common = dist_checkpointing.load_common_state_dict(
             str(checkpoint.iteration_dir(load_dir, iteration))
@@ -675,10 +675,6 @@ def dry_run(config: Config, world_size: int, gpu_memory_gib: float) -> Plan:
                 f"resume): load it with checkpoint.finetune=true"
             )
         found = {"load": str(load_dir), "iteration": iteration, "finetune": finetune}
-        if config.model.language.vocab_size is None:
-            # As the run does: the embedding keeps the rows it was trained with.
-            saved = checkpoint.saved_config(load_dir)
-            config = with_vocab_size(config, vocab_size(saved, tokenizer.vocab_size))
     rows = vocab_size(config, tokenizer.vocab_size)
     config = with_vocab_size(config, rows)
     with meta_model(config, tokenizer) as model:
