@@ -355,6 +355,25 @@ class DataConfig:
     max_skip_fraction: float = 0.01
     # Reshuffle every epoch from this seed (the data position is checkpointed).
     seed: int = 1234
+    # Sequence packing: whole samples (never split) packed into rows of
+    # model.language.seq_length, attention and RoPE positions restarting at each sample.
+    # A step is train.global_batch_size ROWS (as Megatron-LM's packed SFT counts it), filled
+    # first-fit from the global sample order; the data position stays "samples consumed".
+    packing: bool = False
+    # Without packing: `longest` pads each micro-batch to its longest sample (rounded up to
+    # pad_to_multiple, and to the TP size under sequence parallelism), as the official
+    # LLaVA code does; `max_length` pads every sample to model.language.seq_length.
+    padding: Literal["longest", "max_length"] = "longest"
+    pad_to_multiple: int = 8
+    # Without packing: sort each step's samples on a rank by length before cutting them into
+    # micro-batches (LLaVA's group_by_modality_length, within a step), so that micro-batches
+    # hold samples of similar length and pad less.
+    group_by_length: bool = False
+    # Images over this many pixels (width x height, read from the header before decoding)
+    # or this many bytes are skipped and counted like any unusable sample; a 13000 x 13000
+    # JPEG would otherwise take ~10 GB to decode.
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         if self.mixture and self.train_shards not in (None, "tiny"):
@@ -376,6 +395,7 @@ class DataConfig:
             raise ConfigError(f"data.prefetch_steps={self.prefetch_steps} must be >= 0")
         if not 0 <= self.max_skip_fraction < 1:
             raise ConfigError(f"data.max_skip_fraction={self.max_skip_fraction} must be in [0, 1)")
+        _require_positive(self, "data", ("pad_to_multiple", "max_image_pixels", "max_image_bytes"))
 
 
 @dataclass

@@ -2,8 +2,21 @@
 
 `build_train_loader(config, tokenizer, dp_rank, dp_size).next_step()` returns this
 data-parallel rank's micro-batches for one optimizer step:
-`{"tokens", "labels" (shifted, IGNORE_INDEX where no loss), "loss_mask", "images"}`, the
-images `[n, 3, S, S]` in the order of their `<image>` runs, sample by sample.
+`{"tokens", "labels" (shifted, IGNORE_INDEX where no loss), "loss_mask", "padding_mask"
+(True where a row holds no sample), "images"}`, the images `[n, 3, S, S]` in the order of
+their `<image>` runs, row by row. Rows are as long as `data.padding` says: the longest
+sample of the micro-batch rounded up to `data.pad_to_multiple` (and to the TP size under
+sequence parallelism), or `model.language.seq_length`.
+
+Packing (`data.packing`): a step is `global_batch_size` rows of `seq_length`, filled with
+whole samples first-fit in the global order: each sample goes into the first row with room
+for it, and the step ends at the first sample that fits in none (it opens the next step).
+Every rank packs the whole step (it reads and tokenises every sample of it, and decodes the
+images of its own rows only), so the rows do not depend on the DP size, and the data
+position stays a count of samples. Packed batches add `position_ids` (restarting at 0 in
+each sample) and `segment_ids` (the sample's number in its row, -1 on padding). A sample
+whose image cannot be decoded leaves its row (its tokens become padding) instead of being
+replaced: a replacement might not fit.
 
 Order (`megamod.data.reader.SampleOrder`): one global stream of sample positions over all
 sources, seeded by `data.seed`; a step consumes the next `global_batch_size` positions and
@@ -29,7 +42,6 @@ the run.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import logging
 import math
@@ -73,14 +85,67 @@ def prepare_tiny_shards(cache_dir: Path = TINY_CACHE_DIR) -> Path:
     return out
 
 
-def collate(samples: Sequence[_Prepared]) -> dict[str, torch.Tensor]:
-    labels = torch.from_numpy(np.stack([s.encoded.labels for s in samples]))
+def collate(samples: Sequence[_Prepared], width: int) -> dict[str, torch.Tensor]:
+    """One sample a row, each cut to `width` (its padding beyond its length)."""
+    labels = torch.from_numpy(np.stack([s.encoded.labels[:width] for s in samples]))
+    lengths = torch.tensor([s.encoded.length for s in samples])
     return {
-        "tokens": torch.from_numpy(np.stack([s.encoded.tokens for s in samples])),
+        "tokens": torch.from_numpy(np.stack([s.encoded.tokens[:width] for s in samples])),
         "labels": labels,
         "loss_mask": labels != IGNORE_INDEX,
+        "padding_mask": torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1),
         "images": torch.from_numpy(np.concatenate([s.pixels for s in samples])),
     }
+
+
+def collate_packed(
+    rows: Sequence[Sequence[_Prepared]], width: int, pad_id: int, image_size: int
+) -> dict[str, torch.Tensor]:
+    """Several samples a row, in the order they were packed; the rest of a row is padding
+    (its own segment, -1, so that no row of the attention mask is empty)."""
+    shape = (len(rows), width)
+    tokens = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros(shape, dtype=np.int64)
+    segments = np.full(shape, -1, dtype=np.int64)
+    images = []
+    for r, row in enumerate(rows):
+        start = 0
+        for j, sample in enumerate(row):
+            n = sample.encoded.length
+            tokens[r, start : start + n] = sample.encoded.tokens[:n]
+            labels[r, start : start + n] = sample.encoded.labels[:n]
+            positions[r, start : start + n] = np.arange(n)
+            segments[r, start : start + n] = j
+            images.append(sample.pixels)
+            start += n
+    labels_t = torch.from_numpy(labels)
+    segments_t = torch.from_numpy(segments)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": labels_t,
+        "loss_mask": labels_t != IGNORE_INDEX,
+        "padding_mask": segments_t < 0,
+        "position_ids": torch.from_numpy(positions),
+        "segment_ids": segments_t,
+        # Rows can be left without images (text-only samples, or every image refused).
+        "images": torch.from_numpy(np.concatenate(images or [np.zeros((0, 3, image_size, image_size), np.float32)])),
+    }
+
+
+def pack_first_fit(lengths: Sequence[int], rows: int, row_length: int) -> list[list[int]]:
+    """Samples (by their index in `lengths`, the stream order) placed first-fit into `rows`
+    rows of `row_length`: each into the first row with room for it. Stops at the first
+    sample that fits in no row; the samples placed are a prefix of the stream."""
+    room = [row_length] * rows
+    placed: list[list[int]] = [[] for _ in range(rows)]
+    for i, length in enumerate(lengths):
+        row = next((r for r in range(rows) if room[r] >= length), None)
+        if row is None:
+            break
+        room[row] -= length
+        placed[row].append(i)
+    return placed
 
 
 class _BadSample(Exception):
@@ -121,11 +186,17 @@ class _Counts:
     def frozen(self) -> DataCounts:
         return DataCounts(self.seen, self.skipped, self.truncated)
 
+    def add(self, other: _Counts) -> None:
+        self.seen += other.seen
+        self.skipped += other.skipped
+        self.truncated += other.truncated
+
 
 @dataclass
 class _Step:
     batches: list[dict[str, torch.Tensor]]
     counts: DataCounts  # up to and including this step
+    samples: int  # samples of the global stream the step consumed (all DP ranks)
 
 
 class TrainLoader:
@@ -152,6 +223,10 @@ class TrainLoader:
         self.image_size = config.model.vision.image_size
         self.num_image_tokens = config.model.vision.num_patches
         self.seq_length = config.model.language.seq_length
+        self.packing, self.padding, self.group_by_length = data.packing, data.padding, data.group_by_length
+        parallel = config.parallel
+        tp = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
+        self.pad_to_multiple = math.lcm(data.pad_to_multiple, tp)
         self.prefetch_steps = data.prefetch_steps
         self.max_skip_fraction = data.max_skip_fraction
         # Below this many samples read, a few early bad ones would make a noisy fraction.
@@ -159,7 +234,8 @@ class TrainLoader:
         self._pool = ThreadPoolExecutor(data.num_workers, thread_name_prefix="megamod-data")
         try:
             self.decoder = make_image_decoder(
-                data.image_decoder, self.image_size, data.image_aspect_ratio, self._pool, data.num_workers
+                data.image_decoder, self.image_size, data.image_aspect_ratio, self._pool, data.num_workers,
+                max_pixels=data.max_image_pixels, max_bytes=data.max_image_bytes,
             )
         except BaseException:
             self._pool.shutdown()
@@ -168,6 +244,10 @@ class TrainLoader:
         self.consumed_samples = 0
         self.counts = DataCounts()  # for the steps returned so far
         self.last_wait = 0.0  # seconds the latest next_step() blocked
+        self.last_step_samples = 0  # samples the latest step consumed (all DP ranks)
+        # Packing reads past a step's end to find it: those samples, prepared, by position,
+        # for the next step (filled and read by whichever thread builds steps).
+        self._lookahead: dict[int, tuple[_Prepared, _Counts]] = {}
         self._bad: dict[tuple[int, int], str] = {}  # (source, index) -> reason, logged once
         self._skips_by_source: Counter[int] = Counter()
         self._producer: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
@@ -187,7 +267,8 @@ class TrainLoader:
                 self._stop_producer()
                 raise step
         self.last_wait = time.perf_counter() - start
-        self.consumed_samples += self.global_batch_size
+        self.consumed_samples += step.samples
+        self.last_step_samples = step.samples
         self.counts = step.counts
         return step.batches
 
@@ -196,6 +277,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stop_producer()
+        self._lookahead.clear()
         self.consumed_samples = int(state["consumed_samples"])
         saved = state["order"]
         if saved != self._order_description():
@@ -237,9 +319,9 @@ class TrainLoader:
 
     def _produce(self, stop: threading.Event, steps: queue.Queue, position: int, counts: DataCounts) -> None:
         try:
-            for n in itertools.count():
-                item = self._build_step(position + n * self.global_batch_size, counts)
-                counts = item.counts
+            while True:
+                item = self._build_step(position, counts)
+                position, counts = position + item.samples, item.counts
                 if not self._put(stop, steps, item):
                     return
         except BaseException as e:  # handed to the loop, which raises it
@@ -258,17 +340,70 @@ class TrainLoader:
     # ------------------------------------------------------------------ building a step
 
     def _build_step(self, position: int, counts_before: DataCounts) -> _Step:
+        counts = _Counts(counts_before.seen, counts_before.skipped, counts_before.truncated)
+        if self.packing:
+            return self._build_packed_step(position, counts)
         per_rank = self.global_batch_size // self.dp_size
         first = position + self.dp_rank * per_rank
-        draws = [self.order.locate(p) for p in range(first, first + per_rank)]
-        counts = _Counts(counts_before.seen, counts_before.skipped, counts_before.truncated)
-        raws = self._pool.map(lambda d: self._read(d[0], self.order.sample(*d)), draws)
-        samples = [self._prepare(source, k, 0, counts, raw) for (source, k), raw in zip(draws, raws)]
+        samples = self._prepare_many(range(first, first + per_rank), counts)
         self._decode(samples, counts)
         self._check_skip_fraction(counts)
+        if self.group_by_length:  # stable: equal lengths keep the stream order
+            samples.sort(key=lambda sample: -sample.encoded.length)
         mbs = self.micro_batch_size
-        batches = [collate(samples[i : i + mbs]) for i in range(0, per_rank, mbs)]
-        return _Step(batches, counts.frozen())
+        batches = []
+        for i in range(0, per_rank, mbs):
+            group = samples[i : i + mbs]
+            batches.append(collate(group, self._width(max(s.encoded.length for s in group))))
+        return _Step(batches, counts.frozen(), self.global_batch_size)
+
+    def _width(self, longest: int) -> int:
+        """Row length for a micro-batch whose longest sample has `longest` tokens."""
+        if self.padding == "max_length":
+            return self.seq_length
+        return min(self.seq_length, math.ceil(longest / self.pad_to_multiple) * self.pad_to_multiple)
+
+    def _build_packed_step(self, position: int, counts: _Counts) -> _Step:
+        """The step's rows from the stream at `position` (see the module docstring); this
+        rank's rows are decoded and counted, the others only packed."""
+        rows, mbs = self.global_batch_size, self.micro_batch_size
+        candidates: list[tuple[_Prepared, _Counts]] = []
+        while True:  # read in chunks of a step's rows until a sample fits in no row
+            chunk = range(position + len(candidates), position + len(candidates) + rows)
+            ahead = [p for p in chunk if p in self._lookahead]
+            candidates += [self._lookahead.pop(p) for p in ahead]
+            candidates += self._prepare_counted(chunk[len(ahead):])
+            placed = pack_first_fit([c.encoded.length for c, _ in candidates], rows, self.seq_length)
+            consumed = sum(len(row) for row in placed)
+            if consumed < len(candidates):
+                break
+        self._lookahead = {position + i: candidates[i] for i in range(consumed, len(candidates))}
+        per_rank = rows // self.dp_size
+        mine = placed[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        for row in mine:
+            for i in row:
+                counts.add(candidates[i][1])
+        own = [[candidates[i][0] for i in row] for row in mine]
+        failed = self._decode([s for row in own for s in row], counts, replace=False)
+        own = [[s for s in row if id(s) not in failed] for row in own]
+        self._check_skip_fraction(counts)
+        batches = [collate_packed(own[i : i + mbs], self.seq_length, self.tokenizer.pad_id, self.image_size)
+                   for i in range(0, per_rank, mbs)]
+        return _Step(batches, counts.frozen(), consumed)
+
+    def _prepare_counted(self, positions: Sequence[int]) -> list[tuple[_Prepared, _Counts]]:
+        """The usable samples at stream positions, each with what finding it cost (its own
+        counts: a packed step counts only its own rows' samples)."""
+        counts = [_Counts(0, 0, 0) for _ in positions]
+        return list(zip(self._prepare_many(positions, counts), counts))
+
+    def _prepare_many(self, positions: Sequence[int], counts: _Counts | list[_Counts]) -> list[_Prepared]:
+        """The usable samples at stream positions, their first draws read in the pool; counted
+        in `counts` (one for all, or one each)."""
+        draws = [self.order.locate(p) for p in positions]
+        raws = self._pool.map(lambda d: self._read(d[0], self.order.sample(*d)), draws)
+        each = counts if isinstance(counts, list) else [counts] * len(draws)
+        return [self._prepare(source, k, 0, c, raw) for (source, k), raw, c in zip(draws, raws, each)]
 
     def _read(self, source: int, index: int) -> RawSample | None:
         """The sample's members, or None if it is known to be bad (not read again)."""
@@ -317,10 +452,11 @@ class TrainLoader:
             raise _BadSample(f"image member {missing[0]} is missing")
         return encoded, [(n, raw.members[n]) for n in names[: encoded.num_images]]
 
-    def _decode(self, samples: list[_Prepared], counts: _Counts) -> None:
+    def _decode(self, samples: list[_Prepared], counts: _Counts, replace: bool = True) -> set[int]:
         """Preprocesses the samples' images in one batch; samples with a bad image are
-        replaced by their next usable draw, whose images are decoded in turn."""
-        pending = list(range(len(samples)))
+        replaced by their next usable draw, whose images are decoded in turn, or, without
+        `replace`, returned (by `id`)."""
+        pending, failed = list(range(len(samples))), set()
         while pending:
             images = [image for i in pending for image in samples[i].images]
             pixels, errors = self.decoder(images)
@@ -330,12 +466,16 @@ class TrainLoader:
                 bad = [errors[j] for j in range(offset, offset + n) if j in errors]
                 if bad:
                     self._skip(sample.source, sample.index, None, f"image: {bad[0]}", counts, sample.where)
-                    samples[i] = self._prepare(sample.source, sample.k, sample.attempt + 1, counts)
-                    retry.append(i)
+                    if replace:
+                        samples[i] = self._prepare(sample.source, sample.k, sample.attempt + 1, counts)
+                        retry.append(i)
+                    else:
+                        failed.add(id(sample))
                 else:
                     sample.pixels = pixels[offset : offset + n]
                 offset += n
             pending = retry
+        return failed
 
     def _skip(
         self, source: int, index: int, raw: RawSample | None, reason: str, counts: _Counts, where: str | None = None

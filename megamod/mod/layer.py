@@ -43,10 +43,15 @@ text and run every layer against that cache (p-MoD section 3.4). Unlike the offi
 batches of prompts work: batch padding is never kept, and masks and RoPE follow each
 layer's own slots (`megamod.inference.cache`).
 
+Packed rows (`data.packing`: several samples a row, `MicroBatchInfo.segment_ids`): each
+sample keeps its own top trunc(n_vision(sample) x ratio) vision tokens, and the kept tokens
+attend within their sample (a mask per MoD layer: its kept tokens differ), at their own
+positions. The padding at a row's end (`MicroBatchInfo.padding`) is left out of the layer
+like a skipped token (y = w x; no real token attends to it, no loss reads it).
+
 Departures from the official code: ties in the router weights are broken by position
 (first token first; torch.topk leaves them unspecified), the router runs in fp32, and
-padding tokens are kept rather than dropped from the layer (the sequence length is fixed;
-they sit at the end and nobody attends to them).
+padding is dropped from the layer (the official code keeps it as text).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megamod.micro_batch import MicroBatchInfo
+from megamod.micro_batch import MicroBatchInfo, segment_causal_mask
 from megamod.mod.router import TokenRouter, WeightNorm
 from megamod.mod.stats import MoDStats
 
@@ -83,16 +88,23 @@ def select_kept_tokens(
     multiple: int,
     padding: Optional[torch.Tensor] = None,
     padding_per_sample: Optional[torch.Tensor] = None,
+    segment_ids: Optional[torch.Tensor] = None,
+    vision_per_segment: Optional[torch.Tensor] = None,
 ) -> KeptTokens:
     """weights, is_image: [s, b]; vision_per_sample: [b] on the host. Per sample keep the
     top trunc(n_vision x ratio) vision tokens by weight (ties: the earlier position) and
-    every other token but `padding` ([s, b], its per-sample count on the host: a batch of
-    left-padded prompts at inference, whose padding no layer needs to cache)."""
+    every other token but `padding` ([s, b], its per-row count on the host: a row's unused
+    end in training, a batch of left-padded prompts at inference, which no layer needs).
+
+    Packed rows (`segment_ids` [s, b], the sample of each position, -1 on padding, and
+    `vision_per_segment` [samples, b] on the host): each sample of a row keeps its own
+    top trunc(n_vision(sample) x ratio), as it would alone in a row."""
     s, b = is_image.shape
     device = is_image.device
     # trunc(n x ratio) in float32, as the official code computes it.
-    keep_vision = torch.trunc(vision_per_sample.to(torch.float32) * ratio).long()
-    kept_per_sample = s - vision_per_sample + keep_vision
+    per_sample = vision_per_sample.unsqueeze(0) if segment_ids is None else vision_per_segment
+    keep_vision = torch.trunc(per_sample.to(torch.float32) * ratio).long()  # [samples, b]
+    kept_per_sample = s - vision_per_sample + keep_vision.sum(0)
     if padding is not None:
         kept_per_sample = kept_per_sample - padding_per_sample
     length = math.ceil(int(kept_per_sample.max()) / multiple) * multiple
@@ -103,8 +115,13 @@ def select_kept_tokens(
     # Rank of each vision token within its sample, best weight first.
     scores = weights.float().masked_fill(~is_image, float("-inf"))
     by_weight = torch.argsort(scores, dim=0, descending=True, stable=True)
-    rank = torch.empty_like(by_weight).scatter_(0, by_weight, positions)
-    kept = ~is_image | (rank < keep_vision_dev.unsqueeze(0))
+    if segment_ids is None:
+        rank = torch.empty_like(by_weight).scatter_(0, by_weight, positions)
+        quota = keep_vision_dev
+    else:
+        rank = _rank_within_segments(by_weight, segment_ids)
+        quota = keep_vision_dev.gather(0, segment_ids.clamp(min=0))
+    kept = ~is_image | (rank < quota)
     if padding is not None:
         kept &= ~padding
     # Kept positions first, each group in position order: a slot per kept token.
@@ -116,6 +133,22 @@ def select_kept_tokens(
     valid = torch.arange(length, device=device).unsqueeze(1) < kept_per_sample_dev.unsqueeze(0)
     index = by_slot[:length].masked_fill(~valid, 0)
     return KeptTokens(index, valid, slot, int(keep_vision.sum()))
+
+
+def _rank_within_segments(by_weight: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each position's rank [s, b] in the `by_weight` order [s, b] (positions, best first)
+    among the positions of its own segment. A stable sort by segment of that order groups
+    each segment's positions, best first; a position's rank is its place in the group."""
+    s, b = segment_ids.shape
+    segment_by_weight = segment_ids.gather(0, by_weight)
+    by_segment = torch.argsort(segment_by_weight, dim=0, stable=True)
+    order = by_weight.gather(0, by_segment)
+    segment_sorted = segment_by_weight.gather(0, by_segment) + 1  # padding (-1) -> 0
+    sizes = torch.zeros(s + 1, b, dtype=torch.long, device=segment_ids.device)
+    sizes.scatter_add_(0, segment_ids + 1, torch.ones_like(segment_ids))
+    group_start = (sizes.cumsum(0) - sizes).gather(0, segment_sorted)
+    places = torch.arange(s, device=segment_ids.device).unsqueeze(1) - group_start
+    return torch.empty_like(order).scatter_(0, order, places)
 
 
 def _gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -170,8 +203,11 @@ class MoDTransformerLayer(TransformerLayer):
             index, valid = index.chunk(tp)[rank], valid.chunk(tp)[rank]
             s_local = hidden_states.shape[0]
             positions = slice(rank * s_local, (rank + 1) * s_local)
-        if rotary_pos_emb is not None:  # [s, 1, 1, d] -> each kept token's own: [K, b, 1, d]
-            rotary_pos_emb = rotary_pos_emb[:, 0][kept.index]
+        if rotary_pos_emb is not None:  # [s, 1 | b, 1, d] -> each kept token's own: [K, b, 1, d]
+            rotary_pos_emb = (rotary_pos_emb[:, 0][kept.index] if rotary_pos_emb.shape[1] == 1
+                              else _gather_seq(rotary_pos_emb, kept.index))
+        if info.segment_ids is not None:  # packed rows: kept tokens attend within their sample
+            kwargs["attention_mask"] = segment_causal_mask(_gather_seq(info.segment_ids, kept.index))
         y_kept, context = self._forward_kept(
             x_full, weights, index, valid, rotary_pos_emb=rotary_pos_emb, **kwargs
         )
@@ -180,12 +216,15 @@ class MoDTransformerLayer(TransformerLayer):
         return self._merge(y_kept, kept.slot[positions], weights[positions], hidden_states), context
 
     def _select(self, x_full: torch.Tensor, multiple: int, **padding: Any) -> tuple[torch.Tensor, KeptTokens]:
-        """Router weights [s, b] (fp32) and the kept tokens of the whole sequence."""
+        """Router weights [s, b] (fp32) and the kept tokens of the whole sequence (without
+        the micro-batch's padding, unless `padding` gives another)."""
         info = self.micro_batch
         weights = self.weight_norm(self.mod_router(x_full))
+        if not padding and info.padding is not None:
+            padding = {"padding": info.padding, "padding_per_sample": info.padding_per_sample}
         kept = select_kept_tokens(
             weights.detach(), info.token_is_image, info.vision_per_sample, self.ratio, multiple,
-            **padding,
+            segment_ids=info.segment_ids, vision_per_segment=info.vision_per_segment, **padding,
         )
         if self.stats is not None:
             self.stats.record(self.layer_number - 1, kept.kept_vision,

@@ -26,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megamod.config import Config
 from megamod.models import specs
 from megamod.models.transformer_configs import transformer_configs
-from megamod.micro_batch import MicroBatchInfo
+from megamod.micro_batch import MicroBatchInfo, segment_causal_mask
 from megamod.mod.layer import MoDTransformerLayer
 from megamod.mod.stats import MoDStats
 from megamod.moe.router import TopKRouterWithStats
@@ -35,6 +35,22 @@ from megamod.moe.stats import RoutingStats
 # Megatron-LM's GPT datasets mark positions without loss with a loss mask; labels there
 # are replaced by this valid id so the vocab-parallel cross entropy can index them.
 _MASKED_LABEL = 0
+
+
+class GPTModelWithPositions(GPTModel):
+    """megatron-core's GPTModel whose RoPE follows `position_ids` ([1 | b, s]): packed rows
+    restart positions at each sample. Upstream's rope computes the angles of positions
+    0..s-1 and ignores position_ids (they feed only learned absolute embeddings); here each
+    token takes its own position's angles, [s, b, 1, d], which megatron-core's
+    `apply_rotary_pos_emb` broadcasts like its [s, 1, 1, d]."""
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        rotary = output[1]
+        if rotary is None or position_ids is None:
+            return output
+        rotary = rotary[:, 0, 0][position_ids].transpose(0, 1).unsqueeze(2)
+        return (output[0], rotary, *output[2:])
 
 
 class LLaVA(MegatronModule):
@@ -67,9 +83,9 @@ class LLaVA(MegatronModule):
             projector_type="mlp",
             input_size=vision.hidden_size,
         )
-        self.language_model = GPTModel(
+        self.language_model = GPTModelWithPositions(
             configs.language,
-            specs.decoder_block_spec(configs.language, use_te, config.mod),
+            specs.decoder_block_spec(configs.language, use_te, config.mod, packed=config.data.packing),
             vocab_size=vocab_size,
             max_sequence_length=language.seq_length,
             share_embeddings_and_output_weights=not language.untie_embeddings_and_output_weights,
@@ -132,39 +148,83 @@ class LLaVA(MegatronModule):
         images: torch.Tensor,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP]."""
+        """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP].
+
+        `padding_mask` [b, s] (True where a row holds no sample) keeps padding out of the
+        MoE routers and the MoD layers; packed rows (several samples a row) come with
+        `segment_ids` [b, s] (the sample's number in its row, -1 on padding) and
+        `position_ids` [b, s] (restarting at 0 in each sample): attention stays within each
+        sample (one mask for the micro-batch, built here) and RoPE follows the positions."""
         decoder_input = self.embed(tokens, images)
-        self.describe_micro_batch(tokens, loss_mask)
+        self.describe_micro_batch(tokens, loss_mask, padding_mask, segment_ids)
         if self.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         if labels is not None and loss_mask is not None:
             labels = labels.masked_fill(~loss_mask.bool(), _MASKED_LABEL)
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        attention_mask = None if segment_ids is None else segment_causal_mask(segment_ids.t())
         return self.language_model(
             input_ids=None,
             position_ids=position_ids,
-            attention_mask=None,
+            attention_mask=attention_mask,
             decoder_input=decoder_input,
             labels=labels,
         )
 
-    def describe_micro_batch(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
-        """Tell the routers which of their tokens are image tokens and how many tokens of
-        the micro-batch carry loss (for the aux-loss weight)."""
+    def describe_micro_batch(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor | None,
+        padding_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Tell the routers and MoD layers which of their tokens are image tokens, which are
+        padding, which sample of a packed row each belongs to, and how many tokens of the
+        micro-batch carry loss (for the aux-loss weight)."""
         if self.routing_stats is None and self.mod_stats is None:
             return  # a dense model: nothing reads it
+        info = self.micro_batch
         is_image = (tokens == self.image_token_id).transpose(0, 1)  # router order: [s, b]
-        self.micro_batch.token_is_image = is_image
+        padding = None if padding_mask is None else padding_mask.transpose(0, 1)
+        segments = None if segment_ids is None else segment_ids.transpose(0, 1)
+        info.token_is_image, info.padding, info.segment_ids = is_image, padding, segments
         if self.mod_stats is not None:  # the one host sync: MoD layers size buffers from it
-            self.micro_batch.vision_per_sample = is_image.sum(0).cpu()
-        local = is_image
+            self._count_on_host(is_image, padding, segments)
+        modality = is_image.long()
+        if padding is not None:
+            modality = modality.masked_fill(padding, -1)
         if self.sequence_parallel:
             tp = parallel_state.get_tensor_model_parallel_world_size()
             rank = parallel_state.get_tensor_model_parallel_rank()
-            local = is_image.chunk(tp, dim=0)[rank]
-        self.micro_batch.routed_modality = local.reshape(-1).long()
-        self.micro_batch.loss_tokens = loss_mask.sum() if loss_mask is not None else None
+            modality = modality.chunk(tp, dim=0)[rank]
+        info.routed_modality = modality.reshape(-1)
+        info.loss_tokens = loss_mask.sum() if loss_mask is not None else None
+
+    def _count_on_host(
+        self, is_image: torch.Tensor, padding: torch.Tensor | None, segments: torch.Tensor | None
+    ) -> None:
+        """Vision tokens per row (per sample of a packed row) and padding per row, copied to
+        the host together."""
+        info = self.micro_batch
+        if segments is None:
+            counts = is_image.sum(0, keepdim=True)  # [1, b]
+        else:  # [s, b]: sample j's at row j (at most s samples a row; padding, -1, dropped)
+            s, b = segments.shape
+            counts = torch.zeros(s + 1, b, dtype=torch.long, device=segments.device)
+            counts = counts.scatter_add_(0, segments + 1, is_image.long())[1:]
+        rows = [counts.long()]
+        if padding is not None:
+            rows.append(padding.sum(0, keepdim=True))
+        host = torch.cat(rows).cpu()
+        per_segment = host[: counts.shape[0]]
+        info.vision_per_sample = per_segment.sum(0)
+        info.vision_per_segment = per_segment if segments is not None else None
+        info.padding_per_sample = host[-1] if padding is not None else None
 
     def mod_layers(self) -> list[MoDTransformerLayer]:
         return [m for m in self.language_model.decoder.layers if isinstance(m, MoDTransformerLayer)]

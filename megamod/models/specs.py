@@ -50,19 +50,26 @@ def transformer_engine_available() -> bool:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, use_te: bool, mod: Optional[MoDConfig] = None
+    config: TransformerConfig, use_te: bool, mod: Optional[MoDConfig] = None, packed: bool = False
 ) -> TransformerBlockSubmodules:
     """Llama-style decoder layers (causal self-attention + MLP or MoE), one spec per layer.
 
     megatron-core's own block spec reads `config.moe_layer_freq` to place MoE layers;
     their router becomes `TopKRouterWithStats` (upstream's TopKRouter that also reports
     where it sent each token, for per-modality expert load). Layers that p-MoD's schedule
-    names become MoD layers with their keep ratio."""
+    names become MoD layers with their keep ratio.
+
+    `packed` (several samples a row): core attention is SDPA with a per-sample causal mask
+    even with transformer-engine, whose attention applies its mask type and ignores an
+    explicit mask under `causal`. Departure from Megatron-LM's packed SFT (THD layout, TE's
+    varlen kernels through `PackedSeqParams`): MoD layers attend over their own kept
+    tokens, whose per-sample boundaries differ per layer, which a mask expresses directly;
+    the THD path is the faster one to add once it can be checked on a GPU."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization
     )
     for spec in block.layer_specs:
-        if not use_te:
+        if packed or not use_te:
             spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
         mlp = spec.submodules.mlp
         if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:

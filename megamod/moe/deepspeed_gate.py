@@ -93,10 +93,13 @@ def top2gating(
     logits: torch.Tensor,
     capacity_factor: Optional[float],
     sequence_parallel_group: Optional[torch.distributed.ProcessGroup],
+    padding: Optional[torch.Tensor] = None,
 ) -> Top2Routing:
     """DeepSpeed 0.9.5's `top2gating` on this rank's logits [s, b, E] (the sequence slice
     of `sequence_parallel_group`'s rank, or all of it when None). `capacity_factor` None
-    drops nothing."""
+    drops nothing. `padding` [s, b] (True: not a token) is routed nowhere, takes no slot,
+    is not counted in the capacity, and its gates and first choices are zeroed (so the aux
+    loss is the real tokens'), like DeepSpeed's `used_token` in its `top1gating`."""
     s_local, batch, num_experts = logits.shape
     ranks = 1 if sequence_parallel_group is None else sequence_parallel_group.size()
     rank = 0 if sequence_parallel_group is None else sequence_parallel_group.rank()
@@ -109,10 +112,12 @@ def top2gating(
         taken = F.one_hot(first, num_experts).bool()
         second = (logits + noise).masked_fill(taken, float("-inf")).argmax(dim=-1)
     keep_first, keep_second = _within_capacity(
-        first, second, num_experts, capacity_factor, sequence_parallel_group
+        first, second, num_experts, capacity_factor, sequence_parallel_group, padding
     )
     first, second = first.reshape(-1, 1), second.reshape(-1, 1)
     gates = gates.reshape(-1, num_experts)
+    if padding is not None:
+        gates = gates * ~padding.reshape(-1, 1)
     gate1 = gates.gather(1, first).squeeze(1) * keep_first.reshape(-1)
     gate2 = gates.gather(1, second).squeeze(1) * keep_second.reshape(-1)
     denom = torch.clamp(gate1 + gate2, min=torch.finfo(gates.dtype).eps)
@@ -120,7 +125,10 @@ def top2gating(
     mask2 = torch.zeros_like(gates).scatter(1, second, 1.0)
     probs = (gate1 / denom).unsqueeze(1) * mask1 + (gate2 / denom).unsqueeze(1) * mask2
     routing_map = (mask1 * keep_first.reshape(-1, 1) + mask2 * keep_second.reshape(-1, 1)).bool()
-    return Top2Routing(probs, routing_map, gates, mask1.bool())
+    first_choice = mask1.bool()
+    if padding is not None:
+        first_choice &= ~padding.reshape(-1, 1)
+    return Top2Routing(probs, routing_map, gates, first_choice)
 
 
 @torch.no_grad()
@@ -130,23 +138,30 @@ def _within_capacity(
     num_experts: int,
     capacity_factor: Optional[float],
     group: Optional[torch.distributed.ProcessGroup],
+    padding: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of this rank's first and second choices ([s, b] each) keep their expert:
-    DeepSpeed's slot counting over the whole micro-batch in its (sample-major) order."""
+    DeepSpeed's slot counting over the whole micro-batch in its (sample-major) order.
+    `padding` [s, b] keeps nothing and takes no slot; the capacity counts real tokens."""
+    real = torch.ones_like(first, dtype=torch.bool) if padding is None else ~padding
     if capacity_factor is None:
-        return torch.ones_like(first, dtype=torch.bool), torch.ones_like(second, dtype=torch.bool)
-    choices = torch.stack([first, second], dim=-1)  # [s, b, 2]
+        return real, real
+    choices = torch.stack([first, second, real.long()], dim=-1)  # [s, b, 3]
     if group is not None:
-        choices = gather_from_sequence_parallel_region(choices, group=group)  # [S, b, 2]
-    seq, batch = choices.shape[:2]
-    ordered = choices.transpose(0, 1).reshape(-1, 2)  # DeepSpeed's tokens: [b * S, 2]
-    mask1 = F.one_hot(ordered[:, 0], num_experts)
-    mask2 = F.one_hot(ordered[:, 1], num_experts)
+        choices = gather_from_sequence_parallel_region(choices, group=group)  # [S, b, 3]
+    ordered = choices.transpose(0, 1).reshape(-1, 3)  # DeepSpeed's tokens: [b * S, 3]
+    batch, seq = choices.shape[1], choices.shape[0]
+    is_real = ordered[:, 2:]
+    mask1 = F.one_hot(ordered[:, 0], num_experts) * is_real
+    mask2 = F.one_hot(ordered[:, 1], num_experts) * is_real
     locations1 = torch.cumsum(mask1, dim=0) - 1
     locations2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
-    slots = capacity(seq * batch, num_experts, capacity_factor)
-    keep1 = locations1.gather(1, ordered[:, :1]).squeeze(1) < slots
-    keep2 = locations2.gather(1, ordered[:, 1:]).squeeze(1) < slots
+    if padding is None:
+        slots = capacity(seq * batch, num_experts, capacity_factor)
+    else:  # on the device, as DeepSpeed's _capacity computes it: no host sync
+        slots = torch.ceil(is_real.sum() / num_experts * torch.tensor(capacity_factor * 2))
+    keep1 = (locations1.gather(1, ordered[:, :1]).squeeze(1) < slots) & is_real.squeeze(1).bool()
+    keep2 = (locations2.gather(1, ordered[:, 1:2]).squeeze(1) < slots) & is_real.squeeze(1).bool()
     keep = torch.stack([keep1, keep2], dim=-1).reshape(batch, seq, 2).transpose(0, 1)
     s_local = first.shape[0]
     rank = 0 if group is None else group.rank()

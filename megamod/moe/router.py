@@ -27,6 +27,8 @@ from typing import Iterator, Optional, Union
 import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
+    apply_router_token_dropping,
+    get_capacity,
     get_tokens_per_expert_and_token_count,
     save_to_aux_losses_tracker,
     switch_load_balancing_loss_func,
@@ -53,11 +55,15 @@ class TopKRouterWithStats(TopKRouter):
     moe: Optional[MoEConfig] = None
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if padding_mask is None:
+            padding_mask = self._padding(logits)
         if self.moe is not None and self.moe.gate == "deepspeed_top2":
             probs, routing_map = self._deepspeed_top2(logits, padding_mask)
+        elif padding_mask is None:
+            with self._capacity_factor_in_config(self.capacity_factor()):
+                probs, routing_map = super().routing(logits)
         else:
-            with self._capacity_factor_in_config():
-                probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            probs, routing_map = self._route_without_padding(logits, padding_mask)
         if self.stats is not None:
             modality = self.micro_batch.routed_modality if self.micro_batch is not None else None
             self.stats.record(self.layer_number - 1, routing_map, modality, self.topk)
@@ -70,11 +76,45 @@ class TopKRouterWithStats(TopKRouter):
             return self.config.moe_expert_capacity_factor
         return self.moe.eval_capacity_factor
 
+    def _padding(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """[s, b] True at the padding the model marked (modality -1: a row's unused end, a
+        MoD layer's filler slots), None when the model marks none."""
+        modality = self.micro_batch.routed_modality if self.micro_batch is not None else None
+        if modality is None:
+            return None
+        return (modality == -1).view(logits.shape[:2])
+
+    def _route_without_padding(
+        self, logits: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's routing with its padding mask (the aux and z losses leave padding
+        out), padding then routed nowhere, and the capacity dropping applied after that, to
+        the real tokens, with the capacity of the real tokens: upstream's routing drops
+        before it knows the padding, which would take slots and count in the capacity.
+        One host sync (the real-token count) where a capacity factor is set."""
+        with self._capacity_factor_in_config(None):
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        real = ~padding_mask.reshape(-1, 1)
+        probs, routing_map = probs * real, routing_map & real
+        factor = self.capacity_factor()
+        if factor is None:
+            return probs, routing_map
+        num_tokens = routing_map.shape[0]
+        capacity = get_capacity(int(real.sum()) * self.topk, self.num_experts, factor)
+        # apply_router_token_dropping computes ceil(num_tokens x topk / E x factor): a factor
+        # that makes that ceil exactly `capacity` (the 0.5 absorbs float rounding).
+        exact = (capacity - 0.5) * self.num_experts / (num_tokens * self.topk)
+        return apply_router_token_dropping(
+            probs, routing_map, router_topk=self.topk, capacity_factor=exact,
+            drop_policy=self.config.moe_token_drop_policy,
+            pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+        )
+
     @contextlib.contextmanager
-    def _capacity_factor_in_config(self) -> Iterator[None]:
+    def _capacity_factor_in_config(self, factor: Optional[float]) -> Iterator[None]:
         """Upstream's routing reads the (shared) TransformerConfig's factor: hand it this
         forward's, and restore the training one for the dispatcher and the other layers."""
-        config, factor = self.config, self.capacity_factor()
+        config = self.config
         training_factor = config.moe_expert_capacity_factor
         config.moe_expert_capacity_factor = factor
         try:
@@ -86,29 +126,33 @@ class TopKRouterWithStats(TopKRouter):
         self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MoE-LLaVA's gate (`deepspeed_gate.top2gating`) with its first-choice aux loss;
-        upstream's z-loss (0 in MoE-LLaVA) still applies."""
-        if padding_mask is not None:
-            raise NotImplementedError("moe.gate=deepspeed_top2 routes every token: no padding mask")
+        upstream's z-loss (0 in MoE-LLaVA) still applies. Padding takes no slot and counts
+        in neither loss nor in the capacity (`top2gating`'s `padding`)."""
         seq_length, batch = logits.shape[:2]
-        logits = self.apply_z_loss(logits.view(-1, self.num_experts))
+        flat_padding = None if padding_mask is None else padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits.view(-1, self.num_experts), padding_mask=flat_padding)
         sp_group = self.tp_group if self.config.sequence_parallel else None
         routing = deepspeed_gate.top2gating(
-            logits.view(seq_length, batch, self.num_experts), self.capacity_factor(), sp_group
+            logits.view(seq_length, batch, self.num_experts), self.capacity_factor(), sp_group,
+            padding=padding_mask,
         )
         probs = routing.probs
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            probs = self._apply_first_choice_aux_loss(probs, routing.gates, routing.first_choice)
+            probs = self._apply_first_choice_aux_loss(
+                probs, routing.gates, routing.first_choice, with_padding=padding_mask is not None
+            )
         return probs, routing.routing_map
 
     def _apply_first_choice_aux_loss(
-        self, probs: torch.Tensor, gates: torch.Tensor, first_choice: torch.Tensor
+        self, probs: torch.Tensor, gates: torch.Tensor, first_choice: torch.Tensor, with_padding: bool
     ) -> torch.Tensor:
         """DeepSpeed's `l_aux = E^2 * mean(me * ce)` = upstream's `_apply_aux_loss` with the
         first choices as the routing map and top-1 (`E * sum_e P_e * f_e`, `f_e` the share
-        of first choices): each TP rank's share of `P`, the micro-batch's `f`."""
+        of first choices): each TP rank's share of `P`, the micro-batch's `f`. With padding
+        (its gates and first choices zeroed by `top2gating`), over the real tokens only."""
         coeff = self.get_aux_loss_coeff("aux_loss")
         tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
-            first_choice, self.tp_cp_group, topk=1
+            first_choice, self.tp_cp_group, topk=1, with_padding_mask=with_padding
         )
         aux_loss = switch_load_balancing_loss_func(
             gates, tokens_per_expert, total_tokens, topk=1, num_experts=self.num_experts,

@@ -103,20 +103,22 @@ def kv_cache_bytes(config: Config, sample: Sample, bytes_per_value: int = 2) -> 
 
 class StepFlops:
     """Training FLOPs of a step's micro-batches, counted from their tokens on the host (no
-    device sync): the images of each sample are its `<image>` placeholders / patches."""
+    device sync): a row is a sample as long as the row (its padding computed too), with its
+    `<image>` placeholders / patches as images. A packed row counts as one sample: its
+    attention is counted over the whole row, as Megatron-LM counts packed sequences."""
 
     def __init__(self, config: Config, vocab_size: int, image_token_id: int) -> None:
         self.config, self.vocab_size, self.image_token_id = config, vocab_size, image_token_id
-        self._per_sample: dict[int, float] = {}  # by image count
+        self._per_row: dict[tuple[int, int], float] = {}  # by (images, row length)
 
     def __call__(self, micro_batches: list[dict]) -> float:
-        seq_length = self.config.model.language.seq_length
         total = 0.0
         for batch in micro_batches:
+            width = batch["tokens"].shape[1]
             placeholders = (batch["tokens"] == self.image_token_id).sum(1)
             for images in (placeholders // self.config.model.vision.num_patches).tolist():
-                if images not in self._per_sample:
-                    sample = Sample(images, seq_length)
-                    self._per_sample[images] = sample_flops(self.config, sample, self.vocab_size)
-                total += self._per_sample[images]
+                if (images, width) not in self._per_row:
+                    row = Sample(images, width)
+                    self._per_row[images, width] = sample_flops(self.config, row, self.vocab_size)
+                total += self._per_row[images, width]
         return total

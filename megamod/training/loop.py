@@ -72,24 +72,41 @@ def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
     )
 
 
-def dp_metrics(loader: TrainLoader, step_time: float, flops: float) -> dict[str, float]:
-    """Skipped and truncated samples and the step's model FLOPs summed over DP ranks (TP/EP
-    peers read the same samples), and the largest fraction of the step a DP rank waited
-    for data (the slowest holds all up). Collective over the DP group: every rank calls
-    it every step."""
+def token_counts(micro_batches: list[dict]) -> tuple[int, int]:
+    """(sample tokens, row positions) of this rank's micro-batches, on the host."""
+    positions = sum(b["padding_mask"].numel() for b in micro_batches)
+    padding = sum(int(b["padding_mask"].sum()) for b in micro_batches)
+    return positions - padding, positions
+
+
+def dp_metrics(
+    loader: TrainLoader, step_time: float, flops: float, tokens: tuple[int, int]
+) -> dict[str, float]:
+    """Skipped and truncated samples, the step's model FLOPs and its tokens summed over DP
+    ranks (TP/EP peers read the same samples), and the largest fraction of the step a DP
+    rank waited for data (the slowest holds all up). Collective over the DP group: every
+    rank calls it every step.
+
+    `train/tokens_per_sec` counts sample tokens only, not padding (the useful throughput,
+    comparable between padded, dynamically padded and packed runs);
+    `data/padding_fraction` is the share of the rows' positions that held no sample;
+    `data/samples_per_step` the samples the step consumed (a packed step's vary)."""
     group = parallel_state.get_data_parallel_group()
     sums = torch.tensor(
-        [float(loader.counts.skipped), float(loader.counts.truncated), flops / 1e12],
+        [float(loader.counts.skipped), float(loader.counts.truncated), flops / 1e12, *map(float, tokens)],
         dtype=torch.float64, device=collective_device(),
     )
     wait = torch.tensor([loader.last_wait / step_time], device=collective_device())
     torch.distributed.all_reduce(sums, group=group)
     torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX, group=group)
-    skipped, truncated, tflops = sums.tolist()
+    skipped, truncated, tflops, sample_tokens, positions = sums.tolist()
     return {
         "data/skipped_samples": skipped,
         "data/truncated_samples": truncated,
         "data/wait_fraction": wait.item(),
+        "data/padding_fraction": 1.0 - sample_tokens / max(positions, 1.0),
+        "data/samples_per_step": float(loader.last_step_samples),
+        "train/tokens_per_sec": sample_tokens / step_time,
         "train/tflops_per_step": tflops,
         "train/tflops_per_sec": tflops / step_time,
     }
@@ -179,7 +196,11 @@ def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple:
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple:
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["images"], batch["labels"], batch["loss_mask"])
+    output = model(
+        batch["tokens"], batch["images"], batch["labels"], batch["loss_mask"],
+        padding_mask=batch.get("padding_mask"), position_ids=batch.get("position_ids"),
+        segment_ids=batch.get("segment_ids"),
+    )
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -336,14 +357,13 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
         config.logging.tensorboard_dir, config.logging.log_interval, state.iteration
     )
     logger.info(json.dumps(describe_run(state)))
-    tokens_per_step = train_cfg.global_batch_size * config.model.language.seq_length
     llava = unwrap_model(state.model)
     step_flops = StepFlops(config, llava.language_model.vocab_size, llava.image_token_id)
     losses, stopped_early = [], False
     while state.iteration < train_cfg.train_iters:
         start = time.perf_counter()
         micro_batches = state.loader.next_step()
-        flops = step_flops(micro_batches)
+        flops, tokens = step_flops(micro_batches), token_counts(micro_batches)
         step = train_step(state, micro_batches)
         state.iteration += 1
         step_time = time.perf_counter() - start
@@ -353,8 +373,7 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
             "train/lr": step["train/lr"],
             "train/grad_norm": step["train/grad_norm"],
             "train/step_time": step_time,
-            "train/tokens_per_sec": tokens_per_step / step_time,
-            **dp_metrics(state.loader, step_time, flops),
+            **dp_metrics(state.loader, step_time, flops, tokens),
             **state.guard.scalars(),
         }
         if torch.cuda.is_available():

@@ -72,17 +72,27 @@ def assert_same(a, b):
 
 
 def rows(step):
-    return [tuple(row.tolist()) for mb in step for row in mb["tokens"]]
+    """Each row's sample tokens (its padding, which depends on its micro-batch, left out)."""
+    return [tuple(row[~pad].tolist()) for mb in step for row, pad in zip(mb["tokens"], mb["padding_mask"])]
 
 
-def test_batches_have_the_contract_shapes(llava, tok):
-    with build_train_loader(config(llava), tok, 0, 1) as loader:
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_batches_have_the_contract_shapes(llava, tok, padding):
+    with build_train_loader(config(llava, padding=padding), tok, 0, 1) as loader:
         step = loader.next_step()
     assert len(step) == 4
     for mb in step:
-        assert mb["tokens"].shape == mb["labels"].shape == mb["loss_mask"].shape == (2, 512)
+        lengths = (~mb["padding_mask"]).sum(1)
+        # Rows hold one sample each, then padding; `longest` cuts the micro-batch to its
+        # longest sample rounded up to data.pad_to_multiple (8).
+        assert torch.equal(mb["padding_mask"], torch.arange(mb["tokens"].shape[1]) >= lengths[:, None])
+        width = 512 if padding == "max_length" else -(-int(lengths.max()) // 8) * 8
+        assert width < 512 or padding == "max_length"
+        assert mb["tokens"].shape == mb["labels"].shape == mb["loss_mask"].shape == (2, width)
+        assert (mb["tokens"][mb["padding_mask"]] == tok.pad_id).all()
         assert mb["tokens"].dtype == mb["labels"].dtype == torch.int64 and mb["loss_mask"].dtype == torch.bool
         assert torch.equal(mb["loss_mask"], mb["labels"] != -100) and mb["loss_mask"].any(dim=1).all()
+        assert not (mb["loss_mask"] & mb["padding_mask"]).any()
         n_runs = int((mb["tokens"] == tok.image_token_id).sum()) // 4  # 4 image tokens per image
         assert mb["images"].shape == (n_runs, 3, 28, 28) and mb["images"].dtype == torch.float32
     # One epoch of the fixture: 7 samples hold 8 images (text-only: 0, multi-image: 2).
@@ -333,3 +343,96 @@ def test_without_dali_auto_uses_pillow_and_dali_is_a_config_error(llava, tok, mo
         assert isinstance(loader.decoder, PythonImageDecoder)
     with pytest.raises(ConfigError, match="data.image_decoder=dali"):
         build_train_loader(config(llava, image_decoder="dali"), tok, 0, 1)
+
+
+# ------------------------------------------------------------------------------ packing
+
+def stream_samples(shards, tok, n, **data):
+    """The stream's first n samples, each alone: (tokens, labels, images), unpadded."""
+    cfg = config(shards, prefetch_steps=0, padding="longest", **data)
+    cfg.train.global_batch_size = cfg.train.micro_batch_size = 1
+    with build_train_loader(cfg, tok, 0, 1) as loader:
+        samples = []
+        for _ in range(n):
+            (mb,) = loader.next_step()
+            length = int((~mb["padding_mask"]).sum())
+            samples.append((mb["tokens"][0, :length], mb["labels"][0, :length], mb["images"]))
+    return samples
+
+
+def first_fit(lengths, rows, row_length):
+    """The packing rule, written out again: sample i into the first row with room; the step
+    ends at the first sample no row has room for."""
+    room, placed = [row_length] * rows, [[] for _ in range(rows)]
+    for i, n in enumerate(lengths):
+        fits = [r for r in range(rows) if room[r] >= n]
+        if not fits:
+            return placed, i
+        room[fits[0]] -= n
+        placed[fits[0]].append(i)
+    raise AssertionError("the stream ran out before the step ended: read more samples")
+
+
+def packed_config(shards, **data):
+    cfg = config(shards, packing=True, prefetch_steps=0, **data)
+    cfg.model.language.seq_length = 160
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 4, 2
+    return cfg
+
+
+def test_packed_rows_hold_whole_samples_first_fit_in_stream_order(llava, tok):
+    cfg = packed_config(llava)
+    samples = stream_samples(llava, tok, 60)
+    start = 0
+    with build_train_loader(cfg, tok, 0, 1) as loader:
+        for _ in range(3):
+            step = loader.next_step()
+            placed, consumed = first_fit([len(t) for t, _, _ in samples[start:]], 4, 160)
+            assert loader.last_step_samples == consumed and loader.consumed_samples == start + consumed
+            assert consumed > 4  # several samples a row: these samples are short
+            rows = [row for mb in step for row in range(len(mb["tokens"]))]
+            assert len(rows) == 4
+            for r, expected in enumerate(placed):
+                mb, row = step[r // 2], r % 2
+                tokens = torch.cat([samples[start + i][0] for i in expected])
+                labels = torch.cat([samples[start + i][1] for i in expected])
+                n = len(tokens)
+                assert torch.equal(mb["tokens"][row, :n], tokens)
+                assert torch.equal(mb["labels"][row, :n], labels)  # no loss across samples
+                assert (mb["padding_mask"][row, n:]).all() and not mb["padding_mask"][row, :n].any()
+                assert (mb["segment_ids"][row, n:] == -1).all()
+                assert torch.equal(mb["position_ids"][row, :n],
+                                   torch.cat([torch.arange(len(samples[start + i][0])) for i in expected]))
+                assert torch.equal(mb["segment_ids"][row, :n], torch.cat(
+                    [torch.full((len(samples[start + i][0]),), j) for j, i in enumerate(expected)]))
+            for m, mb in enumerate(step):  # images in row order, sample by sample
+                order = [i for r in (2 * m, 2 * m + 1) for i in placed[r]]
+                assert torch.equal(mb["images"], torch.cat([samples[start + i][2] for i in order]))
+            start += consumed
+
+
+def test_packed_rows_do_not_depend_on_the_dp_size_and_resume_exactly(llava, tok):
+    cfg = packed_config(llava)
+    with build_train_loader(cfg, tok, 0, 1) as whole:
+        uninterrupted = steps(whole, 4)
+    with build_train_loader(cfg, tok, 0, 2) as r0, build_train_loader(cfg, tok, 1, 2) as r1:
+        for n in range(2):  # DP=2: rank r holds rows [2r, 2r + 2) of DP=1's step
+            assert_same([r0.next_step() + r1.next_step()], [uninterrupted[n]])
+        state = r1.state_dict()
+        assert state == r0.state_dict()
+    with build_train_loader(cfg, tok, 0, 1) as resumed:  # resumed at DP=1
+        resumed.load_state_dict(state)
+        assert_same(steps(resumed, 2), uninterrupted[2:])
+
+
+def test_a_packed_sample_whose_image_fails_leaves_its_row(corrupt, tok):
+    cfg = packed_config(corrupt, max_skip_fraction=0.9)
+    with build_train_loader(cfg, tok, 0, 1) as loader:
+        step = loader.next_step()
+        skipped = loader.counts.skipped
+    assert skipped >= 1
+    for mb in step:  # every image placeholder run left has its decoded image
+        assert int((mb["tokens"] == tok.image_token_id).sum()) == 4 * len(mb["images"])
+        # The failed sample's positions are padding: no loss, segment -1.
+        assert not (mb["loss_mask"] & mb["padding_mask"]).any()
+        assert torch.equal(mb["padding_mask"], mb["segment_ids"] < 0)
