@@ -2,6 +2,7 @@
 
     megamod build-shards --format {llava,mimicit} --annotations FILE --images PATH --output DIR
         [--name NAME] [--shard-size N] [--shard-bytes N] [--max-samples N] [--workers N]
+        [--max-image-bytes N] [--max-image-pixels N] [--force]
 
 The builder, its output and how it resumes: `megamod.data.shards`.
 """
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from megamod.config import DataConfig
 from megamod.data.shards import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, FORMATS, build_shards
 from megamod.errors import DataError
 
@@ -45,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=positive, help="stop after this many samples")
     p.add_argument("--workers", type=at_least(0), default=None,
                    help="image-decoding processes (default: one per CPU; 0: none, decode in this process)")
+    p.add_argument("--max-image-bytes", type=positive, default=DataConfig.max_image_bytes,
+                   help="skip a sample whose image file is larger (default: data.max_image_bytes's, %(default)s)")
+    p.add_argument("--max-image-pixels", type=positive, default=DataConfig.max_image_pixels,
+                   help="skip a sample whose image has more pixels, width x height, read before decoding "
+                   "(default: data.max_image_pixels's, %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace another data set's build in --output (its shards are deleted)")
     return p
 
 
@@ -56,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build_shards(
             args.format, args.annotations, args.images, args.output, name=args.name,
             shard_size=args.shard_size, shard_bytes=args.shard_bytes, max_samples=args.max_samples,
-            workers=args.workers,
+            workers=args.workers, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+            force=args.force,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

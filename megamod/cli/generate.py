@@ -3,13 +3,17 @@
     megamod generate --checkpoint SAVE_DIR --image FILE [--image FILE ...] --prompt TEXT
         [--max-new-tokens N] [--temperature T] [--seed S] [--json]
 
-One process; p-MoD layers cache only the tokens they keep (`megamod.inference`).
+One process; p-MoD layers cache only the tokens they keep (`megamod.inference`). The
+prompt and its new tokens must fit the model's `model.language.seq_length`, and images
+the checkpoint config's `data.max_image_bytes` / `data.max_image_pixels`: anything else
+exits 2 naming the argument and the limit (`megamod.inference.generate`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a training run's checkpoint.save_dir")
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     p.add_argument("--prompt", required=True, help=f"the question; {IMAGE_TOKEN} marks where an image goes")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="the prompt and the new tokens must fit the model's model.language.seq_length "
+                   "(default: up to 64, as room allows)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0, help="for sampling at temperature > 0")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -38,20 +44,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise MegamodError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    if args.temperature < 0:
-        raise MegamodError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
-    for path in args.image:
-        if not Path(path).is_file():
-            raise DataError(f"--image {path} does not exist: give an image file")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise MegamodError(f"--temperature={args.temperature} must be a number >= 0 (0 is greedy)")
+    for path in map(Path, args.image):
+        if path.is_dir():
+            raise DataError(f"--image {path} is a folder: give an image file")
+        if not path.is_file():
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise DataError(f"--image {path} {what}: give an image file")
     silence_upstream_warnings()  # before megatron-core is imported
-    from megamod.inference.generate import open_generator, prompt_tokens
+    from megamod.inference.generate import new_tokens_budget, open_generator, prompt_tokens
 
     with open_generator(args.checkpoint) as generator:
         ids, images = prompt_tokens(generator, args.prompt, args.image)
+        max_new_tokens = new_tokens_budget(generator, len(ids), args.max_new_tokens)
         start = time.perf_counter()
-        result = generator.generate([ids], images, args.max_new_tokens, args.temperature, seed=args.seed)
+        result = generator.generate([ids], images, max_new_tokens, args.temperature, seed=args.seed)
         seconds = time.perf_counter() - start
     text = generator.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     if args.json:

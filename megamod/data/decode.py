@@ -21,6 +21,12 @@ encoded images here through `fn.external_source`, one batch per step.
 
 Images DALI cannot decode (GIF, or a file it rejects) go to a fallback decoder (the
 loader's Pillow one); only an image neither can decode is reported as bad.
+
+Both paths refuse an image over `ImageLimits` (`data.max_image_bytes`, and
+`data.max_image_pixels` read as width x height from its header, which Pillow parses
+without decoding) before decoding it: a few-MB JPEG of 13000 x 13000 pixels would
+otherwise take ~0.5 GB as RGB, more in the resize. The shard builder and `megamod
+generate` check the same limits.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from megamod.config import DataConfig
 from megamod.data.preprocess import CLIP_MEAN, CLIP_STD, PAD_COLOR, preprocess_image
 from megamod.errors import ConfigError
 
@@ -45,16 +53,68 @@ MAX_BATCH = 64  # images per pipeline run; larger batches are split
 DALI_FORMATS = frozenset({"jpg", "jpeg", "png", "tif", "tiff", "bmp", "jp2", "webp", "pnm", "ppm", "pgm", "pbm"})
 
 
+class ImageTooLarge(ValueError):
+    """An image over `ImageLimits`: refused before it is decoded."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The largest image worth decoding: encoded bytes and width x height. `*_key` name
+    the setting in messages (the config key, or a command's option)."""
+
+    max_pixels: int = DataConfig.max_image_pixels
+    max_bytes: int = DataConfig.max_image_bytes
+    pixels_key: str = "data.max_image_pixels"
+    bytes_key: str = "data.max_image_bytes"
+
+    def check_bytes(self, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            raise ImageTooLarge(f"{nbytes:,} bytes, over the limit of {self.max_bytes:,} ({self.bytes_key})")
+
+    def open(self, source: str | Path | IO[bytes]) -> Image.Image:
+        """The image with only its header read (nothing decoded yet), if its width x height
+        is within the limit; else ImageTooLarge. Pillow's errors for what is not an image
+        pass through."""
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as e:  # Pillow's own limit, above ~179 M pixels
+            raise ImageTooLarge(f"over the limit of {self.max_pixels:,} pixels ({self.pixels_key}): {e}") from None
+        width, height = image.size
+        if width * height > self.max_pixels:
+            image.close()
+            raise ImageTooLarge(
+                f"{width} x {height} = {width * height:,} pixels, over the limit of "
+                f"{self.max_pixels:,} ({self.pixels_key})"
+            )
+        return image
+
+    def check(self, data: bytes) -> str | None:
+        """Why an encoded image must not be decoded, from its length and header alone;
+        None if it is within the limits or its header is unreadable (the decoder then
+        says what is wrong with it)."""
+        try:
+            self.check_bytes(len(data))
+            self.open(io.BytesIO(data)).close()
+        except ImageTooLarge as e:
+            return str(e)
+        except Exception:  # Pillow's many types for "not an image it knows": no size to check
+            pass
+        return None
+
+
 class PythonImageDecoder:
     """The DALI-free path: Pillow decode + `preprocess_image`, one image per pool task."""
 
-    def __init__(self, image_size: int, aspect: str, pool: ThreadPoolExecutor):
-        self.image_size, self.aspect, self._pool = image_size, aspect, pool
+    def __init__(self, image_size: int, aspect: str, pool: ThreadPoolExecutor, limits: ImageLimits = ImageLimits()):
+        self.image_size, self.aspect, self._pool, self.limits = image_size, aspect, pool, limits
 
     def _one(self, data: bytes) -> np.ndarray | str:
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            self.limits.check_bytes(len(data))
+            with self.limits.open(io.BytesIO(data)) as image:
                 return preprocess_image(image, self.image_size, self.aspect)
+        except ImageTooLarge as e:
+            return str(e)
         except UnidentifiedImageError:
             return "not an image format Pillow knows"
         except Exception as e:  # Pillow signals corrupt data with many types
@@ -108,13 +168,15 @@ class DaliImageDecoder:
 
     `device_id=None` runs on the CPU; a CUDA device id decodes with nvJPEG ("mixed") and
     preprocesses on that GPU. Results are host arrays. `fallback` (same call signature)
-    takes the images DALI cannot read. Not thread-safe: one caller at a time.
+    takes the images DALI cannot read. Images over `limits` (checked on the host from
+    their headers) are errors, never fed to DALI. Not thread-safe: one caller at a time.
     """
 
     def __init__(
-        self, image_size: int, aspect: str, num_threads: int, fallback: ImageDecoder, device_id: int | None = None
+        self, image_size: int, aspect: str, num_threads: int, fallback: ImageDecoder, device_id: int | None = None,
+        limits: ImageLimits = ImageLimits(),
     ):
-        self.image_size, self.fallback = image_size, fallback
+        self.image_size, self.fallback, self.limits = image_size, fallback, limits
         self._pipe = _clip_pipeline(
             image_size, aspect, "cpu" if device_id is None else "mixed", num_threads, device_id
         )
@@ -129,9 +191,10 @@ class DaliImageDecoder:
         decoder could read (their rows are zero)."""
         size = self.image_size
         pixels = np.zeros((len(images), 3, size, size), dtype=np.float32)
-        errors: dict[int, str] = {}
-        by_dali = [i for i, (ext, _) in enumerate(images) if ext.rpartition(".")[2].lower() in DALI_FORMATS]
-        to_fallback = sorted(set(range(len(images))) - set(by_dali))
+        too_large = {i: error for i, (_, data) in enumerate(images) if (error := self.limits.check(data))}
+        usable = [i for i in range(len(images)) if i not in too_large]
+        by_dali = [i for i in usable if images[i][0].rpartition(".")[2].lower() in DALI_FORMATS]
+        to_fallback = sorted(set(usable) - set(by_dali))
         for start in range(0, len(by_dali), MAX_BATCH):
             chunk = by_dali[start : start + MAX_BATCH]
             try:
@@ -143,18 +206,24 @@ class DaliImageDecoder:
                         pixels[i] = self._run([images[i][1]])[0]
                     except RuntimeError:
                         to_fallback.append(i)
+        errors = too_large
         if to_fallback:
-            pixels[to_fallback], errors = self.fallback([images[i] for i in to_fallback])
-            errors = {to_fallback[j]: error for j, error in errors.items()}
+            pixels[to_fallback], fallback_errors = self.fallback([images[i] for i in to_fallback])
+            errors |= {to_fallback[j]: error for j, error in fallback_errors.items()}
         return pixels, errors
 
 
 def make_image_decoder(
-    choice: str, image_size: int, aspect: str, pool: ThreadPoolExecutor, num_threads: int
+    choice: str, image_size: int, aspect: str, pool: ThreadPoolExecutor, num_threads: int, *,
+    max_pixels: int, max_bytes: int,
 ) -> ImageDecoder:
     """`data.image_decoder`: "dali" (GPU decode when torch sees one; Pillow for what DALI
-    cannot read), "python", or "auto" (DALI when installed)."""
-    python = PythonImageDecoder(image_size, aspect, pool)
+    cannot read), "python", or "auto" (DALI when installed); images over `max_pixels`
+    (`data.max_image_pixels`) or `max_bytes` (`data.max_image_bytes`) are errors."""
+    import torch  # here: the shard builder imports this module's limits without torch
+
+    limits = ImageLimits(max_pixels, max_bytes)
+    python = PythonImageDecoder(image_size, aspect, pool, limits)
     if choice == "python":
         return python
     try:
@@ -167,4 +236,4 @@ def make_image_decoder(
             ) from None
         return python
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-    return DaliImageDecoder(image_size, aspect, num_threads, python, device_id)
+    return DaliImageDecoder(image_size, aspect, num_threads, python, device_id, limits)

@@ -17,6 +17,12 @@ in the image JSON and an `ImageRef` reads it when needed, so the memory is one
 Every reader yields, per record and in file order, either a `Sample` (conversation normalised,
 images not yet read) or a `Skipped` with one of the `SKIP_REASONS`. Reading and validating
 the image bytes is the shard builder's job (`megamod.data.shards`).
+
+A LLaVA image path stays inside the images folder: `ImageRef.read` resolves it (`..`,
+an absolute path, symlinks) and refuses one that leads outside (`image_outside_images`),
+reads regular files only (a FIFO would block, `/dev/zero` never end) and at most
+`max_bytes` (`image_too_large`): an annotation file must not make the builder copy
+`/etc/passwd` into a shard.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +45,11 @@ BAD_RECORD = "bad_record"  # not valid JSON, or not the format's schema
 EMPTY_CONVERSATION = "empty_conversation"  # no turns, or no non-blank answer to learn from
 IMAGE_MARKER_MISMATCH = "image_marker_mismatch"  # number of <image> markers != number of images
 MISSING_IMAGE = "missing_image"  # file (or MIMIC-IT image id) not found
-BAD_IMAGE = "bad_image"  # unreadable, truncated or not an image
-SKIP_REASONS = (BAD_RECORD, EMPTY_CONVERSATION, IMAGE_MARKER_MISMATCH, MISSING_IMAGE, BAD_IMAGE)
+BAD_IMAGE = "bad_image"  # unreadable, truncated, not a regular file or not an image
+IMAGE_OUTSIDE_IMAGES = "image_outside_images"  # the path leads out of the images folder
+IMAGE_TOO_LARGE = "image_too_large"  # over the byte or pixel limit
+SKIP_REASONS = (BAD_RECORD, EMPTY_CONVERSATION, IMAGE_MARKER_MISMATCH, MISSING_IMAGE, BAD_IMAGE,
+                IMAGE_OUTSIDE_IMAGES, IMAGE_TOO_LARGE)
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -51,14 +62,35 @@ class ImageRef:
     path: str
     offset: int = -1  # >= 0: the base64 text is bytes [offset, offset + length) of `path`
     length: int = 0
+    root: str | None = None  # a resolved folder the file must resolve into (LLaVA's images)
 
-    def read(self) -> bytes:
-        """The image's encoded bytes. Raises OSError (file) or ValueError (bad base64)."""
-        with open(self.path, "rb") as f:
-            if self.offset < 0:
-                return f.read()
-            f.seek(self.offset)
-            return decode_base64(f.read(self.length))
+    def read(self, max_bytes: int) -> bytes:
+        """The image's encoded bytes, at most `max_bytes`. Raises SkipRecord for a path out
+        of `root` or a larger image, OSError (FileNotFoundError: missing) for a file that
+        is not a readable regular file, ValueError for bad base64."""
+        if self.offset >= 0:
+            if self.length * 3 // 4 > max_bytes:  # base64: 4 characters per 3 bytes
+                raise SkipRecord(IMAGE_TOO_LARGE, f"{self.name}: over {max_bytes:,} bytes")
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                return decode_base64(f.read(self.length))
+        path, flags = self.path, os.O_RDONLY | os.O_NONBLOCK  # a FIFO opens at once; fstat refuses it
+        if self.root is not None:
+            path = os.path.realpath(path)
+            if os.path.commonpath([path, self.root]) != self.root:
+                raise SkipRecord(IMAGE_OUTSIDE_IMAGES, f"{self.name} resolves to {path}, outside {self.root}")
+            flags |= os.O_NOFOLLOW  # no symlink may have replaced the resolved file since
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError("not a regular file")
+            if info.st_size > max_bytes:
+                raise SkipRecord(IMAGE_TOO_LARGE, f"{self.name}: {info.st_size:,} bytes, over {max_bytes:,}")
+            data = f.read(max_bytes + 1)  # the file may have grown since fstat
+        if len(data) > max_bytes:
+            raise SkipRecord(IMAGE_TOO_LARGE, f"{self.name}: over {max_bytes:,} bytes")
+        return data
 
 
 @dataclass
@@ -130,7 +162,7 @@ def read_llava(annotations: Path, images: Path) -> Iterator[Sample | Skipped]:
     if scanner.peek() != "[":
         scanner.close()
         raise DataError(f"{annotations}: expected a JSON array of LLaVA records; check --format")
-    return _llava_items(scanner, images)
+    return _llava_items(scanner, Path(os.path.realpath(images)))
 
 
 def _llava_items(scanner: JsonScanner, images: Path) -> Iterator[Sample | Skipped]:
@@ -156,7 +188,7 @@ def _llava_record(record: object, index: int, images: Path) -> Sample | Skipped:
         conversations = normalise_conversation(record.get("conversations"), len(names))
     except SkipRecord as skip:
         return Skipped(sample_id, skip.reason, skip.detail)
-    refs = [ImageRef(name, str(images / name)) for name in names]
+    refs = [ImageRef(name, str(images / name), root=str(images)) for name in names]
     return Sample(sample_id, "llava", conversations, refs)
 
 

@@ -10,7 +10,9 @@
   writes beside each shard (`wds2idx`: per sample, each member's extension, data offset and
   size; the builder's USTAR headers are the 512 bytes before each member's data); a shard
   without one is scanned once with `tarfile`. Kept per shard as two int64 arrays, 16 bytes
-  a sample, so a 665k-sample mix indexes in ~10 MB per rank.
+  a sample, so a 665k-sample mix indexes in ~10 MB per rank. A shard shorter than its
+  manifest entry or its index says (a copy cut short) is a DataError naming it, at
+  `open_source` where the manifest is there to compare with, else at its first read.
 - `SampleOrder` maps each position of the global sample stream to (source, k), k counting
   the draws from that source, and a source's k-th draw to a sample index through per-epoch
   seeded permutations. Mixture positions come in blocks of `MIXTURE_BLOCK` holding each
@@ -81,19 +83,29 @@ def read_dali_index(path: Path) -> ShardIndex | None:
     return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
+def _damaged(path: Path, what: str) -> DataError:
+    return DataError(
+        f"shard {path} is truncated or damaged ({what}): copy it again, or rebuild its data set "
+        "with megamod build-shards"
+    )
+
+
 def scan_tar(path: Path) -> ShardIndex:
     """The sample ranges of a shard without an .idx file (headers only: data is skipped)."""
     keys, starts, ends = [], [], []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key = member.name.partition(".")[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-                starts.append(member.offset)
-                ends.append(0)
-            ends[-1] = member.offset_data + member.size
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key = member.name.partition(".")[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    starts.append(member.offset)
+                    ends.append(0)
+                ends[-1] = member.offset_data + member.size
+    except tarfile.TarError as e:
+        raise _damaged(path, f"tarfile: {e}") from None
     return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
@@ -138,6 +150,9 @@ class Source:
                         f"{shard.path}: holds {len(index[0])} samples but its manifest says {shard.nsamples}: "
                         "the shard or its .idx file changed after the build; rebuild with megamod build-shards"
                     )
+                size = shard.path.stat().st_size
+                if len(index[1]) and index[1][-1] > size:  # where no manifest had its size
+                    raise _damaged(shard.path, f"{size} bytes, its samples need {index[1][-1]}")
                 self._indexes[shard_id] = index
             return self._indexes[shard_id]
 
@@ -148,6 +163,8 @@ class Source:
         j = i - self._starts[shard_id]
         with open(shard.path, "rb", buffering=0) as f:
             blob = os.pread(f.fileno(), int(ends[j] - starts[j]), int(starts[j]))
+        if len(blob) < ends[j] - starts[j]:  # cut since it was opened
+            raise _damaged(shard.path, f"its sample {j} ends past the end of the file")
         key, members = split_members(blob)
         return RawSample(key, f"{shard.path.name}:{key or f'sample {j}'}", members)
 
@@ -163,21 +180,23 @@ def _manifest_shards(directory: Path, field: str) -> list[Shard]:
         ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{field}: cannot read {manifest_path} ({e}); rerun megamod build-shards") from None
-    shards = []
-    for entry in manifest["shards"]:
-        path = directory / entry["url"]
-        size = path.stat().st_size if path.is_file() else -1
-        if size != entry["bytes"]:
-            raise DataError(
-                f"{field}: {path} is missing or not the size {MANIFEST} records ({size} != {entry['bytes']}): "
-                "copy the shard folder again or rebuild it"
-            )
-        idx = directory / entry.get("index", "-")
-        shards.append(Shard(path, entry["nsamples"], idx if idx.is_file() else None))
-    return shards
+    return [_manifest_shard(directory, entry, field) for entry in manifest["shards"]]
 
 
-def _tar_shard(path: Path) -> Shard:
+def _manifest_shard(directory: Path, entry: dict, field: str) -> Shard:
+    """The shard of a manifest entry, once its file is checked to be the size recorded."""
+    path = directory / entry["url"]
+    size = path.stat().st_size if path.is_file() else -1
+    if size != entry["bytes"]:
+        raise DataError(
+            f"{field}: {path} is missing or not the size {MANIFEST} records ({size} != {entry['bytes']} "
+            "bytes: truncated or damaged): copy the shard folder again or rebuild it with megamod build-shards"
+        )
+    idx = directory / entry.get("index", "-")
+    return Shard(path, entry["nsamples"], idx if idx.is_file() else None)
+
+
+def _tar_shard(path: Path, field: str) -> Shard:
     """A shard named by a glob or brace pattern: its count from the manifest beside it, else
     from its .idx file or a scan."""
     idx = path.with_suffix(".idx")
@@ -185,9 +204,10 @@ def _tar_shard(path: Path) -> Shard:
     try:
         manifest = json.loads((path.parent / MANIFEST).read_text())
         entry = next(e for e in manifest["shards"] if e["url"] == path.name)
-        return Shard(path, entry["nsamples"], path.parent / entry["index"] if "index" in entry else idx)
-    except (OSError, ValueError, KeyError, StopIteration):
-        pass
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        entry = None
+    if entry is not None:
+        return _manifest_shard(path.parent, entry, field)
     index = read_dali_index(idx) if idx else None
     return Shard(path, len((index if index is not None else scan_tar(path))[0]), idx)
 
@@ -216,7 +236,7 @@ def open_source(spec: str, field: str, tiny_dir: Path = TINY_CACHE_DIR / "shards
                 f"{field}={spec!r} matches no shard files: give a folder with {MANIFEST}, "
                 "a glob (dir/*.tar) or a brace pattern (dir/name-{000000..000009}.tar)"
             )
-        shards = [_tar_shard(p) for p in paths]
+        shards = [_tar_shard(p, field) for p in paths]
     source = Source(spec, [s for s in shards if s.nsamples > 0])
     if len(source) == 0:
         raise DataError(f"{field}={spec!r} holds no samples")

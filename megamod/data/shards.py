@@ -3,6 +3,7 @@
 
     megamod build-shards --format {llava,mimicit} --annotations FILE --images PATH --output DIR
         [--name NAME] [--shard-size N] [--shard-bytes N] [--max-samples N] [--workers N]
+        [--max-image-bytes N] [--max-image-pixels N] [--force]
 
 Output in DIR:
 - `NAME-000000.tar`, ...: sample k (counted over the whole build) is the tar key
@@ -21,9 +22,13 @@ Output in DIR:
 
 Robustness: every image is decoded once (in worker processes, results kept in record
 order); a sample with a missing or broken image, an empty conversation, a bad record or
-mismatched `<image>` markers is skipped and counted by reason. Only unusable inputs fail
-the run (`DataError`, exit code 2): an unreadable or structurally broken annotations file or
-MIMIC-IT image JSON, a missing --images folder, an --output that cannot be created.
+mismatched `<image>` markers is skipped and counted by reason. So is one whose image path
+leads out of the --images folder (`..`, an absolute path, a symlink), is not a regular
+file, or is over --max-image-bytes or --max-image-pixels (the training loader's limits,
+`data.max_image_*`, by default; pixels read from the header before decoding): see
+`megamod.data.formats`. Only unusable inputs fail the run (`DataError`, exit code 2): an
+unreadable or structurally broken annotations file or MIMIC-IT image JSON, a missing
+--images folder, an --output that cannot be created or that holds something else.
 
 Resuming: shards are written to `*.tmp` names and renamed when complete, then recorded in
 the hidden progress file `.NAME.progress.json` with the counters up to that point and the
@@ -31,9 +36,15 @@ number of annotation records they cover. A rerun with the same inputs and option
 recorded shards whose files are intact (same size), deletes every other
 `NAME-NNNNNN.{tar,idx}[.tmp]` (half-written, unrecorded, or left by an earlier build with
 more shards) and continues from the next record, so its result is byte-identical to an
-uninterrupted run's. Different inputs or options (not --workers) start over. One build per
-DIR: manifest.json is the last build's. Memory stays bounded: the annotations are streamed
-(`megamod.data.formats`) and at most a few chunks of samples are in flight.
+uninterrupted run's. Changed files or options (not --workers) of the same data set (same
+--name, --format, --annotations and --images paths) start over.
+
+One data set per DIR (manifest.json describes one): a DIR that holds anything else (another
+data set's build, or other files) is refused, so that a second build never silently
+replaces the first one's manifest; `force=True` (--force) replaces it, deleting that other
+build's shards, indexes and progress file (other files are left alone). Memory stays
+bounded: the annotations are streamed (`megamod.data.formats`) and at most a few chunks of
+samples are in flight.
 """
 
 from __future__ import annotations
@@ -50,14 +61,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
+from megamod.config import DataConfig
 from megamod.data import formats
-from megamod.data.formats import BAD_IMAGE, MISSING_IMAGE, Sample, Skipped
+from megamod.data.decode import ImageLimits, ImageTooLarge
+from megamod.data.formats import BAD_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, Sample, Skipped, SkipRecord
 from megamod.errors import DataError
 
 FORMATS = ("llava", "mimicit")
@@ -73,14 +86,17 @@ _MAX_EXAMPLES = 5  # skipped samples named per reason in the manifest
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "JPEG2000": "jp2"}
 
 
-def image_extension(data: bytes) -> str:
-    """Decodes an encoded image fully (catching truncation) and returns its extension."""
+def image_extension(data: bytes, limits: ImageLimits) -> str:
+    """Decodes an encoded image fully (catching truncation) and returns its extension.
+    Raises ImageTooLarge (before decoding) for one over `limits`' pixels."""
     # PIL's plugins signal corrupt data with many exception types (OSError, SyntaxError,
-    # ValueError, EOFError, struct.error, DecompressionBombError ...): all mean "bad image".
+    # ValueError, EOFError, struct.error ...): all mean "bad image".
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with limits.open(io.BytesIO(data)) as image:
             image.load()
             return _EXTENSIONS.get(image.format, str(image.format).lower())
+    except ImageTooLarge:
+        raise
     except Exception as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
 
@@ -93,18 +109,22 @@ class Encoded:
     images: list[tuple[str, bytes]]
 
 
-def encode_sample(sample: Sample) -> Encoded | Skipped:
+def encode_sample(sample: Sample, limits: ImageLimits) -> Encoded | Skipped:
     """Reads and decodes each image of a sample once; returns its members or why it is skipped."""
     images = []
     for i, ref in enumerate(sample.images):
         try:
-            data = ref.read()
+            data = ref.read(limits.max_bytes)
+        except SkipRecord as skip:
+            return Skipped(sample.id, skip.reason, skip.detail)
         except FileNotFoundError:
             return Skipped(sample.id, MISSING_IMAGE, f"{ref.name} not found")
         except (OSError, ValueError) as e:
             return Skipped(sample.id, BAD_IMAGE, f"{ref.name}: {e}")
         try:
-            images.append((f"img{i}.{image_extension(data)}", data))
+            images.append((f"img{i}.{image_extension(data, limits)}", data))
+        except ImageTooLarge as e:
+            return Skipped(sample.id, IMAGE_TOO_LARGE, f"{ref.name}: {e}")
         except ValueError as e:
             return Skipped(sample.id, BAD_IMAGE, f"{ref.name}: {e}")
     doc = {"id": sample.id, "source": sample.source, "conversations": sample.conversations,
@@ -112,12 +132,14 @@ def encode_sample(sample: Sample) -> Encoded | Skipped:
     return Encoded(doc, images)
 
 
-def _encode_chunk(chunk: list[tuple[int, Sample | Skipped]]) -> list[tuple[int, Encoded | Skipped]]:
-    return [(i, encode_sample(r) if isinstance(r, Sample) else r) for i, r in chunk]
+def _encode_chunk(
+    limits: ImageLimits, chunk: list[tuple[int, Sample | Skipped]]
+) -> list[tuple[int, Encoded | Skipped]]:
+    return [(i, encode_sample(r, limits) if isinstance(r, Sample) else r) for i, r in chunk]
 
 
 def _encode_in_order(
-    records: Iterable[tuple[int, Sample | Skipped]], workers: int
+    records: Iterable[tuple[int, Sample | Skipped]], workers: int, limits: ImageLimits
 ) -> Iterator[tuple[int, Encoded | Skipped]]:
     """encode_sample over the records, in their order, on `workers` processes (0: here).
 
@@ -126,15 +148,16 @@ def _encode_in_order(
     """
     records = iter(records)
     chunks = iter(lambda: list(islice(records, _CHUNK)), [])
+    encode = partial(_encode_chunk, limits)
     if workers == 0:
         for chunk in chunks:
-            yield from _encode_chunk(chunk)
+            yield from encode(chunk)
         return
     with ProcessPoolExecutor(workers) as pool:
         pending = deque()
         try:
             for chunk in chunks:
-                pending.append(pool.submit(_encode_chunk, chunk))
+                pending.append(pool.submit(encode, chunk))
                 if len(pending) >= 2 * workers:
                     yield from pending.popleft().result()
             while pending:
@@ -256,6 +279,65 @@ def _resume(progress: Path, out: Path, fingerprint: dict) -> _State:
     return state
 
 
+def _data_set(fmt: str, name: str, annotations: str, images: str) -> dict:
+    """What makes a build the same data set's: a rerun of it resumes or rebuilds it."""
+    return {"name": name, "format": fmt, "annotations": annotations, "images": images}
+
+
+def _builds_in(out: Path) -> list[dict]:
+    """The data sets whose builds `out` records (progress files, manifest.json); one
+    whose record does not parse counts as an unknown data set of that name."""
+    builds = []
+    for path in out.glob(".*.progress.json"):
+        name = path.name[1 : -len(".progress.json")]
+        try:
+            f = json.loads(path.read_text())["fingerprint"]
+            builds.append(_data_set(f["format"], f["name"], f["annotations"][0], f["images"][0]))
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            builds.append(_data_set("?", name, "?", "?"))
+    if (out / MANIFEST).is_file():
+        try:
+            m = json.loads((out / MANIFEST).read_text())
+            source = m["source"]
+            builds.append(_data_set(source["format"], m["name"], source["annotations"], source["images"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            builds.append(_data_set("?", "?", "?", "?"))
+    return builds
+
+
+def _claim_output(out: Path, data_set: dict, force: bool) -> None:
+    """Refuses (DataError) an output folder holding anything but `data_set`'s own build (a
+    second data set would replace the first one's manifest); with `force`, deletes the
+    other builds' files instead (other files stay)."""
+    if not out.is_dir():
+        return
+    builds = _builds_in(out)
+    others = [b for b in builds if b != data_set]
+    names = {b["name"] for b in builds} | {data_set["name"]}
+    own_files = re.compile(
+        r"manifest\.json(\.tmp)?|" + "|".join(
+            rf"\.{re.escape(n)}\.progress\.json(\.tmp)?|{re.escape(n)}-\d{{6}}\.(tar|idx)(\.tmp)?" for n in names))
+    strangers = sorted(p.name for p in out.iterdir() if not own_files.fullmatch(p.name))
+    if not others and (data_set in builds or not strangers):
+        return
+    if force:
+        for build in others:
+            _remove_stale(out, build["name"], [])
+            (out / f".{build['name']}.progress.json").unlink(missing_ok=True)
+        return
+    if others:
+        held = "; ".join(f"data set {b['name']!r} ({b['format']}, from {b['annotations']})" for b in others)
+        what = f"the shards of another build: {held}"
+    else:
+        what = f"other files ({', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''})"
+    raise DataError(
+        f"--output {out} already holds {what}. A folder holds one data set (its manifest.json "
+        f"would be replaced, and training would see only the new one): write to another --output "
+        f"(data.mixture combines data sets), pass --force to replace what is there, or rerun that "
+        f"build with its own --name, --annotations and --images to resume it"
+    )
+
+
 def _remove_stale(out: Path, name: str, keep: list[dict]) -> None:
     """Deletes this build's shard, index and temporary files that `keep` does not list."""
     kept = {shard[k] for shard in keep for k in ("url", "index") if k in shard}
@@ -277,6 +359,9 @@ def build_shards(
     max_samples: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    max_image_bytes: int = DataConfig.max_image_bytes,
+    max_image_pixels: int = DataConfig.max_image_pixels,
+    force: bool = False,
 ) -> dict:
     """Builds (or resumes building) the shards of one data set; returns the manifest.
 
@@ -284,12 +369,15 @@ def build_shards(
     A shard holds at most `shard_size` samples and, unless one sample alone is larger,
     `shard_bytes` bytes. `max_samples` stops after that many samples are written. `workers`
     decoding processes (default: one per CPU; 0 decodes in this process) do not change the
-    output. Raises DataError for an unreadable annotations or image JSON file.
+    output. Images over `max_image_bytes` or `max_image_pixels` are skipped. Raises
+    DataError for an unreadable annotations or image JSON file, and for an `output` that
+    holds anything but this data set's build, unless `force` (see the module docstring).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
-    if shard_size < 1 or shard_bytes < 1 or (max_samples is not None and max_samples < 1):
-        raise ValueError("shard_size, shard_bytes and max_samples must be >= 1")
+    if min(shard_size, shard_bytes, max_image_bytes, max_image_pixels, max_samples or 1) < 1:
+        raise ValueError("shard_size, shard_bytes, max_samples and the image limits must be >= 1")
+    limits = ImageLimits(max_image_pixels, max_image_bytes, "--max-image-pixels", "--max-image-bytes")
     annotations, images, out = Path(annotations).resolve(), Path(images).resolve(), Path(output).resolve()
     name = name or annotations.stem
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -298,13 +386,17 @@ def build_shards(
         raise DataError(f"--images {images}: not a folder; for llava pass the folder the 'image' paths are relative to")
     if fmt == "mimicit" and not images.is_file():
         raise DataError(f"--images {images}: not a file; for mimicit pass the image JSON (image id -> base64)")
+    if annotations.is_dir():
+        raise DataError(f"--annotations {annotations}: cannot read it (a folder); give the annotations JSON file")
     fingerprint = {
         "layout_version": LAYOUT_VERSION, "format": fmt, "name": name,
         "annotations": [str(annotations), *_file_stamp(annotations, "--annotations")],
         "images": [str(images), *_file_stamp(images, "--images")],
         "shard_size": shard_size, "shard_bytes": shard_bytes, "max_samples": max_samples,
+        "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
         "dali_index": wds2idx is not None,
     }
+    _claim_output(out, _data_set(fmt, name, str(annotations), str(images)), force)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -326,7 +418,7 @@ def build_shards(
                 print(f"indexing the images of {images} ...", file=sys.stderr)
             records = formats.read_mimicit(annotations, images)
         todo = islice(enumerate(records), state.next_record, None)
-        _write_shards(_encode_in_order(todo, workers), state, save, out, name, wds2idx,
+        _write_shards(_encode_in_order(todo, workers, limits), state, save, out, name, wds2idx,
                       shard_size, shard_bytes, max_samples, progress)
 
     manifest = {

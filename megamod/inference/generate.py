@@ -10,6 +10,13 @@ training forward, one sample at a time.
 `open_generator(CKPT_DIR)` rebuilds the model and tokenizer from what a checkpoint
 directory carries (its config) in a one-process world (TP=1); `megamod generate`
 (`megamod.cli.generate`) is its command line.
+
+Lengths: a prompt and its new tokens must fit `model.language.seq_length`, the positions
+the model was trained on (RoPE past them is extrapolation, and the KV cache is sized by the
+request: 10^9 new tokens would ask for tens of GB). `prompt_tokens` refuses a prompt that
+leaves no room, `new_tokens_budget` a request that does not fit. Image files are checked
+against the config's `data.max_image_bytes` and `data.max_image_pixels` (from the header)
+before they are decoded.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from typing import Iterator, Sequence
 import torch
 
 from megamod.config import Config, MoDConfig
+from megamod.data.decode import ImageLimits, ImageTooLarge
 from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from megamod.errors import DataError, MegamodError
 from megamod.inference.cache import KVCache
 from megamod.models.llava import LLaVA
 from megamod.training.flops import Sample, kv_cache_bytes
 from megamod.precision import DTYPES
+
+DEFAULT_NEW_TOKENS = 64  # when not asked for a number: at most this many, as room allows
 
 
 @dataclass
@@ -214,9 +224,11 @@ def prompt_tokens(
 ) -> tuple[list[int], torch.Tensor]:
     """A user's prompt as the model was trained to read it: in the config's conversation
     template, one `<image>` per image (put first, as LLaVA does, where the text has
-    none), and the images preprocessed as in training."""
+    none), and the images preprocessed as in training. Raises DataError for an image
+    that is unreadable or over the config's image limits, or a prompt that leaves no
+    room for an answer within `model.language.seq_length`."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from megamod.data.conversation import encode_prompt
     from megamod.data.preprocess import preprocess_image
@@ -229,17 +241,49 @@ def prompt_tokens(
             f"--prompt holds {markers} {IMAGE_TOKEN} markers but {len(image_files)} --image "
             f"files were given: give one --image per marker (or no marker)"
         )
+    limits = ImageLimits(config.data.max_image_pixels, config.data.max_image_bytes)
     pixels = []
     for path in image_files:
         try:
-            with Image.open(path) as image:
+            limits.check_bytes(Path(path).stat().st_size)
+            with limits.open(path) as image:
                 pixels.append(preprocess_image(
                     image, config.model.vision.image_size, config.data.image_aspect_ratio
                 ))
+        except ImageTooLarge as e:
+            raise DataError(
+                f"--image {path}: {e} in the checkpoint's config: give a smaller image (downscale it)"
+            ) from None
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"--image {path}: not a readable image ({e}): give a JPEG or PNG file") from None
     size = config.model.vision.image_size
     images = torch.from_numpy(np.stack(pixels)) if pixels else torch.empty(0, 3, size, size)
     ids = encode_prompt([{"from": "human", "value": prompt}], config.data.conversation_template,
                         generator.tokenizer, config.model.vision.num_patches)
+    seq_length = config.model.language.seq_length
+    if len(ids) >= seq_length:
+        raise DataError(
+            f"--prompt is {len(ids)} tokens (its images' {config.model.vision.num_patches} each and the "
+            f"conversation template's included), which leaves no room for an answer within the model's "
+            f"model.language.seq_length={seq_length}, the longest sequence it was trained on: shorten "
+            f"the prompt (or give fewer images)"
+        )
     return ids, images
+
+
+def new_tokens_budget(generator: Generator, prompt_length: int, requested: int | None) -> int:
+    """How many tokens to generate after a prompt of `prompt_length` tokens: `requested`, or
+    when None up to DEFAULT_NEW_TOKENS as room allows. Raises DataError naming
+    --max-new-tokens where the prompt and `requested` new tokens do not fit
+    `model.language.seq_length` (see the module docstring)."""
+    seq_length = generator.config.model.language.seq_length
+    room = seq_length - prompt_length
+    if requested is None:
+        return min(DEFAULT_NEW_TOKENS, room)
+    if requested > room:
+        raise DataError(
+            f"--max-new-tokens={requested} does not fit: the prompt's {prompt_length} tokens plus the new "
+            f"ones must fit the model's model.language.seq_length={seq_length} (the longest sequence it "
+            f"was trained on, which also bounds the KV cache): give --max-new-tokens {room} or less"
+        )
+    return requested

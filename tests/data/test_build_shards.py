@@ -211,7 +211,7 @@ def test_cli_exit_codes_and_messages(tmp_path, capsys):
 
     cut = tmp_path / "cut.json"
     cut.write_text(fixture.annotations.read_text()[:2000])  # truncated mid-record
-    assert main(base + ["--annotations", str(cut)]) == 2
+    assert main(base + ["--annotations", str(cut), "--output", str(tmp_path / "cut")]) == 2
     assert "cut.json: invalid JSON at byte" in capsys.readouterr().err
 
     bad_images = ["--images", str(tmp_path / "nowhere")]

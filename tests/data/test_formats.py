@@ -22,6 +22,8 @@ from megamod.data.formats import (
 from megamod.errors import DataError
 from tests.data.fixtures import image_bytes, make_llava, make_mimicit
 
+LIMIT = 1 << 30  # bytes an ImageRef may read
+
 # Strings that trip naive scanners: escaped quotes and backslashes, brackets in text,
 # non-ASCII (several bytes a character), a backslash right before a closing quote.
 TRICKY = [
@@ -120,7 +122,7 @@ def test_read_llava_normalises_samples_and_names_skips(tmp_path):
     assert by_id["i6IyJda_0"].images == [] and len(by_id["i6IyJda_0"].conversations) == 4
     assert [t["from"] for t in by_id["42"].conversations] == ["human", "gpt"]  # from user/assistant
     assert [r.name for r in by_id["multi-1"].images] == ["coco/train2017/000000033471.jpg", "00453/004539375.jpg"]
-    assert by_id["004539375"].images[0].read() == image_bytes("astronaut")
+    assert by_id["004539375"].images[0].read(LIMIT) == image_bytes("astronaut")
     assert all(s.source == "llava" for s in samples)
 
 
@@ -134,10 +136,10 @@ def test_read_mimicit_builds_one_marker_per_image(tmp_path):
         {"from": "human", "value": "<image>\n<image>\n<image>\nHow do these three pictures differ?"},
         {"from": "gpt", "value": "A person, a cat and a cup of coffee."},
     ]
-    assert [r.read() for r in three.images] == fixture.expected[0].image_bytes
+    assert [r.read(LIMIT) for r in three.images] == fixture.expected[0].image_bytes
     # URL-safe base64 without padding, and base64 with JSON-escaped slashes.
-    assert items["LACR_I2I_INS_00001"].images[0].read() == image_bytes("camera")
-    assert items["LA_INS_00008"].images[0].read() == image_bytes("logo", "PNG")
+    assert items["LACR_I2I_INS_00001"].images[0].read(LIMIT) == image_bytes("camera")
+    assert items["LA_INS_00008"].images[0].read(LIMIT) == image_bytes("logo", "PNG")
     assert items["TXT_INS_00002"].images == []
     assert [(i.id, i.reason) for i in items.values() if isinstance(i, Skipped)] == [
         ("LA_INS_00003", "missing_image"),
@@ -149,9 +151,9 @@ def test_read_mimicit_builds_one_marker_per_image(tmp_path):
 
 def test_image_ref_reads_a_file_or_a_base64_range(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"raw bytes")
-    assert ImageRef("x.bin", str(tmp_path / "x.bin")).read() == b"raw bytes"
+    assert ImageRef("x.bin", str(tmp_path / "x.bin")).read(100) == b"raw bytes"
     (tmp_path / "x.json").write_text('{"k": "aGVsbG8"}')  # "hello", unpadded
-    assert ImageRef("k", str(tmp_path / "x.json"), 7, 7).read() == b"hello"
+    assert ImageRef("k", str(tmp_path / "x.json"), 7, 7).read(100) == b"hello"
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@
   the training forward at every step: dense, p-MoD (PRD, random routers), p-MoD + MoE.
 - p-MoD with ratio 1 on every layer and zero routers generates the dense model's tokens.
 - The cache as allocated holds exactly what `training/flops.kv_cache_bytes` counts.
-- `megamod generate` on a trained checkpoint: text out, bad input exits 2.
+- `megamod generate` on a trained checkpoint: text out, bad input exits 2 (more of its
+  input checks: tests/inference/test_generate_inputs.py).
 
 Weights are drawn with a large spread so that the tiny model's greedy tokens differ from
 step to step (checked): equal token lists then mean equal argmaxes all along.
@@ -186,6 +187,10 @@ def test_generate_command(trained):
         (["--image", "ckpt/latest_checkpointed_iteration.txt", "--prompt", "x"], "not a readable image"),
         (["--image", "astronaut.png", "--prompt", "<image> and <image>?"], "--image"),
         (["--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        # Would size a KV cache of 10^9 tokens (tens of GB): refused, naming the most that fits.
+        (["--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "1000000000"],
+         "seq_length=128 (the longest sequence it was trained on, which also bounds the KV cache): "
+         "give --max-new-tokens"),
     ]
     for args, word in bad:
         result = generate("--checkpoint", "ckpt", *args, cwd=trained)
