@@ -8,7 +8,8 @@
                                              (VARIANT mod_moe: and EP=2)
 
 Every process builds the same two micro-batches from the tiny data set, mixing text-only,
-one-image and two-image samples, so every rank sees all of them (DP=1 everywhere).
+one-image and two-image samples (MoD + MoE: packed rows of the tiny stream), so every rank
+sees all of them (DP=1 everywhere).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from tests.training.parallel_worker import start
 # A 96-token sequence: under SP each rank holds 48 positions, and the vision tokens (from
 # position 32; 33 of them in a two-image sample) fall on both ranks.
 MOD = ["mod.enabled=true", "train.micro_batch_size=1", "train.global_batch_size=1",
-       "model.language.seq_length=96", "data.max_skip_fraction=0.5"]
+       "model.language.seq_length=96", "data.max_skip_fraction=0.5", "data.padding=max_length"]
 # Dense MoD pads the kept tokens only to an even length; with MoE to the default 64, here
-# 128 slots for at most 96 kept tokens (padding slots past the sequence's end).
-VARIANTS = {"mod": ["mod.kept_length_multiple=2"], "mod_moe": MOE}
+# 128 slots for at most 96 kept tokens (padding slots past the sequence's end). MoD + MoE
+# runs on packed rows: two steps of two rows, samples whole, each row ending in padding.
+VARIANTS = {"mod": ["mod.kept_length_multiple=2"],
+            "mod_moe": MOE + ["data.packing=true", "train.micro_batch_size=2", "train.global_batch_size=2",
+                              "model.language.seq_length=192"]}
 LAYOUTS = {
     "mod": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
     "mod_moe": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
@@ -62,7 +66,11 @@ def step(config, init_dir: Path | None):
                 param.data.normal_(0.0, 0.3, generator=generator)
     else:
         checkpoint.load_model_weights(init_dir, model)
-    batches = mixed_micro_batches(state.loader, model.image_token_id)
+    if config.data.packing:
+        batches = state.loader.next_step() + state.loader.next_step()
+        assert all((b["segment_ids"].max(1).values >= 1).any() for b in batches), "rows of one sample"
+    else:
+        batches = mixed_micro_batches(state.loader, model.image_token_id)
     totals = forward_backward(state, batches)
     result = {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(),
               **gradients(config, model), "kept": model.mod_stats.scalars()}

@@ -2,7 +2,7 @@
 gives the loss and every gradient of one process: p-MoD's PRD on the tiny decoder (layers
 1-3 keep 75 / 25 / 15 % of the vision tokens) with random router weights, on micro-batches
 mixing text-only, one-image and two-image samples; dense MoD at TP=2 + SP, and MoD with
-MoE layers at TP=2 + SP + EP=2. fp32 on CPU.
+MoE layers on packed rows at TP=2 + SP + EP=2. fp32 on CPU.
 """
 
 from __future__ import annotations

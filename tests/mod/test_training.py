@@ -114,9 +114,9 @@ def test_mod_moe_at_tp2_sp_ep2_logs_kept_ratios_and_router_weights(mod_moe_run, 
             for stat in ("mean", "std", "min", "max"):
                 got = logged(events, f"mod/router_weight/{stat}/layer{layer}")[step]
                 # The run's fp32 weights (and float32 TensorBoard values) against float64:
-                # measured at most 2.7e-8 apart for mean/min/max (~1) and 2.5e-9 for the
-                # std (~1.5e-4).
-                assert got == pytest.approx(expected[stat], rel=5e-8, abs=5e-9), (stat, layer, step)
+                # measured at most 2.7e-8 apart for mean/min/max (~1) and 5.0e-9 for the
+                # std (~1.3e-4).
+                assert got == pytest.approx(expected[stat], rel=5e-8, abs=1e-8), (stat, layer, step)
     # Zero-initialised routers weigh every token 1 at step 1 (and step 2: step 1's lr is
     # 0); at step 3 the trained ones no longer do (layer 3's gets no gradient: below).
     assert all(reference[1][l]["std"] == 0.0 and reference[1][l]["mean"] == 1.0 for l in (1, 2, 3))

@@ -59,12 +59,14 @@ def reference_router_grads(model, batches, coeff: float) -> list[torch.Tensor]:
     lm_sum, aux_sum, loss_tokens = 0.0, 0.0, 0.0
     for batch in batches:
         logits.clear()
-        per_token = model(batch["tokens"], batch["images"], batch["labels"], batch["loss_mask"])
+        per_token = model(batch["tokens"], batch["images"], batch["labels"], batch["loss_mask"],
+                          padding_mask=batch["padding_mask"])
         mask = batch["loss_mask"].float()
         lm_sum = lm_sum + (per_token * mask).sum()
+        real = ~batch["padding_mask"].t().reshape(-1)  # the routers' order: [s, b]
         aux = 0.0
-        for layer_logits in logits:
-            scores = layer_logits.view(-1, 4).softmax(-1)  # [tokens, experts]
+        for layer_logits in logits:  # over the real tokens: padding is routed nowhere
+            scores = layer_logits.view(-1, 4)[real].softmax(-1)  # [tokens, experts]
             chosen = torch.zeros_like(scores).scatter(1, scores.topk(2, dim=1).indices, 1.0)
             f = chosen.sum(0) / chosen.sum()
             aux = aux + 4 * (f * scores.mean(0)).sum()

@@ -124,14 +124,21 @@ def routing_reference(records: list[dict], image_id: int) -> dict[int, dict]:
     """Per MoE layer, from one rank's records of one step: expert slots per modality
     ([2, E]: text, image) and the Switch load-balancing loss of each micro-batch,
     E x sum_i f_i P_i (f_i: the share of the T x k choices that picked expert i; P_i:
-    the mean router probability of expert i), computed here in float64."""
+    the mean router probability of expert i), computed here in float64 over the real
+    tokens (a row's padding, pad ids after its sample, is routed nowhere and counted
+    nowhere)."""
+    from megamod.data.tokenizer import load_tokenizer
+
+    pad_id = load_tokenizer("tiny").pad_id
     out: dict[int, dict] = defaultdict(lambda: {"slots": np.zeros((2, EXPERTS)), "aux": []})
-    is_image = None
+    is_image = real = None
     for record in records:
         if record["kind"] == "batch":
-            is_image = (record["tokens"].t() == image_id).reshape(-1)  # router order [s, b]
+            tokens = record["tokens"].t()  # router order [s, b]
+            real = (tokens != pad_id).reshape(-1)
+            is_image = (tokens == image_id).reshape(-1)[real]
         elif record["kind"] == "router":
-            x = record["input"].double().reshape(-1, record["input"].shape[-1])
+            x = record["input"].double().reshape(-1, record["input"].shape[-1])[real]
             probs = torch.softmax(x @ record["weight"].double().t(), dim=-1)
             chosen = probs.topk(TOPK, dim=-1).indices
             picked = torch.zeros_like(probs).scatter_(1, chosen, 1.0)

@@ -36,7 +36,8 @@ def samples(world):
     """Single samples with 0, 1 and 2 images."""
     from megamod.training.loop import build_loader
 
-    config = load_config(TINY_CONFIG, QUIET + ["train.micro_batch_size=1", "train.global_batch_size=1"])
+    config = load_config(TINY_CONFIG, QUIET + ["train.micro_batch_size=1", "train.global_batch_size=1",
+                                               "data.padding=max_length"])
     image_id = load_tokenizer("tiny").image_token_id
     found = {}
     with build_loader(config, load_tokenizer("tiny")) as loader:

@@ -12,6 +12,10 @@ and MoD filler slots never reach a router's losses, load statistics or capacity)
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+
 import pytest
 import torch
 
@@ -146,9 +150,10 @@ def test_packed_rows_equal_one_sample_a_row(variant):
             check_rotary_follows_positions(model)
         ref_logits, ref_loss, ref_grads = run(model, one_per_row(samples, tokenizer.pad_id))
         reference_kept = model.mod_stats.scalars() if model.mod_stats else None
-        if model.mod_stats:
-            model.mod_stats.reset()
+        reference_routed = routed(model)
         logits, loss, grads = run(model, packed(rows, 256, tokenizer.pad_id))
+        packed_kept = model.mod_stats.scalars() if model.mod_stats else None
+        packed_routed = routed(model)
 
     i = 0
     for r, row in enumerate(rows):
@@ -164,4 +169,69 @@ def test_packed_rows_equal_one_sample_a_row(variant):
             assert ref.abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(grads[name], ref, atol=1e-5, rtol=1e-4, msg=name)
     if reference_kept is not None:  # the same tokens kept, per sample
-        assert model.mod_stats.scalars() == pytest.approx(reference_kept, abs=1e-7)
+        assert packed_kept == pytest.approx(reference_kept, abs=1e-7)
+    if reference_routed is not None:
+        # Routers counted exactly the real tokens (MoD: the kept ones), in both layouts, and
+        # sent them to the same experts: padding and filler slots reached no expert.
+        tokens, slots = packed_routed
+        assert torch.equal(tokens, reference_routed[0]) and torch.equal(slots, reference_routed[1])
+        mod_layers = {layer.layer_number - 1 for layer in model.mod_layers()}
+        for layer in model.routing_stats.moe_layers:
+            routed_tokens = tokens[layer].sum()  # two forwards (logits, loss) a run
+            if layer in mod_layers:  # the kept tokens only
+                assert 0 < routed_tokens < 2 * sum(lengths)
+            else:
+                assert routed_tokens == 2 * sum(lengths)
+            if "capacity" not in variant:
+                assert slots[layer].sum() == 2 * routed_tokens  # top-2, nothing dropped
+
+
+def routed(model):
+    """(tokens routed per layer and modality, filled expert slots) since the last call, or
+    None without MoE; resets the statistics (MoD's too)."""
+    if model.mod_stats is not None:
+        model.mod_stats.reset()
+    if model.routing_stats is None:
+        return None
+    result = model.routing_stats.tokens.clone(), model.routing_stats.counts.clone()
+    model.routing_stats.reset()
+    return result
+
+
+def test_packed_training_resumes_at_another_dp_size_exactly(tmp_path):
+    """p-MoD's tiny config with packing: 4 steps at DP=2 (a checkpoint at step 2), then
+    steps 3-4 again from that checkpoint in one process. The rows are the global stream's,
+    whatever the DP size, so the losses are the uninterrupted run's."""
+    from megamod.config import load_config
+    from megamod.data.loader import build_train_loader, prepare_tiny_shards
+    from megamod.data.tokenizer import load_tokenizer
+    from tests.launcher import REPO, check, run, torchrun
+
+    config = REPO / "examples" / "configs" / "pmod" / "tiny.yaml"
+    common = ["data.packing=true", "train.train_iters=4", "checkpoint.save_interval=2",
+              f"checkpoint.save_dir={tmp_path}/ckpt", "logging.tensorboard_dir=null"]
+    first = torchrun(2, ["-m", "megamod", "train", str(config), *common], cwd=tmp_path)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ckpt" / "iter_0000002", resumed_dir / "iter_0000002")
+    (resumed_dir / "latest_checkpointed_iteration.txt").write_text("2\n")
+    second = check(run([sys.executable, "-m", "megamod", "train", str(config), *common[:-2],
+                        f"checkpoint.save_dir={resumed_dir}", "logging.tensorboard_dir=null"], cwd=tmp_path))
+
+    def records(stdout):
+        return {r["iteration"]: r for r in map(json.loads, filter(lambda l: l.startswith("{"), stdout.splitlines()))
+                if "iteration" in r}
+
+    uninterrupted, resumed = records(first.stdout), records(second.stdout)
+    assert sorted(resumed) == [3, 4]
+    for it in (3, 4):
+        assert resumed[it]["data/samples_per_step"] == uninterrupted[it]["data/samples_per_step"]
+        assert resumed[it]["train/loss"] == pytest.approx(uninterrupted[it]["train/loss"], abs=1e-5)
+    # Packing wastes far less of the rows than one sample a row, padded to its micro-batch's
+    # longest sample (the same tiny stream, counted by its loader).
+    packed = sum(r["data/padding_fraction"] for r in uninterrupted.values()) / 4
+    prepare_tiny_shards()
+    unpacked_config = load_config(config, ["data.prefetch_steps=0"])
+    with build_train_loader(unpacked_config, load_tokenizer("tiny"), 0, 1) as loader:
+        masks = [mb["padding_mask"] for _ in range(4) for mb in loader.next_step()]
+    unpacked = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
+    assert packed < unpacked / 2, (packed, unpacked)

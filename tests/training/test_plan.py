@@ -225,7 +225,7 @@ def test_7b_figures(stand_in):
     from megamod.training.plan import GIB
 
     dense = ["mod.enabled=false", "parallel.tensor_model_parallel_size=1",
-             "parallel.sequence_parallel=false", "train.micro_batch_size=16",
+             "parallel.sequence_parallel=false", "train.micro_batch_size=16", "train.global_batch_size=128",
              "parallel.use_distributed_optimizer=true"]
     plan = _plan(stand_in + dense)
     h, f, vocab = 4096, 11008, 32000
