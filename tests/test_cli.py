@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.data.fixtures import make_llava
 from tests.launcher import run
 
@@ -44,3 +46,27 @@ def test_train_help_lists_the_sections_and_exits_0(tmp_path):
         assert section in result.stdout
     assert "--dry-run" in result.stdout
     assert run([sys.executable, "-m", "megamod", "train"], cwd=tmp_path).returncode == 2
+
+
+@pytest.mark.parametrize("key, path", [
+    ("checkpoint.save_dir", "{file}/checkpoints"),  # under a file
+    ("logging.tensorboard_dir", "/proc/megamod-tensorboard"),  # where nothing can be made
+    ("checkpoint.save_dir", "/proc/self"),  # a folder, but nothing can be written to it
+])
+def test_an_unusable_output_folder_is_refused_before_any_process_group(
+    tmp_path, capsys, monkeypatch, key, path
+):
+    import megamod.parallel
+    from megamod.__main__ import main
+    from tests.launcher import TINY_CONFIG
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was started")
+
+    monkeypatch.setattr(megamod.parallel, "init_distributed", no_process_group)
+    monkeypatch.chdir(tmp_path)  # the config's other output folder is relative
+    (tmp_path / "file").write_text("mine")
+    path = path.format(file=tmp_path / "file")
+    assert main(["train", str(TINY_CONFIG), f"{key}={path}"]) == 2
+    assert f"error: {key}={path} " in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"

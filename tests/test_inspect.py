@@ -247,3 +247,35 @@ def test_flops_of_the_pmod_config_against_the_schedule_by_hand(tmp_path):
     assert report["kv_cache_ratio"] == pytest.approx(sum(kept) / (32 * 576), abs=1e-3)
     assert report["kv_cache_bytes_dense"] == 32 * 576 * 2 * 4096 * 2  # K and V, bf16
     assert 0.4 < report["flops_ratio"] < report["kv_cache_ratio"] + 0.1
+
+
+def test_a_config_file_is_told_to_use_flops(capsys):
+    from megamod.cli.inspect import main
+
+    assert main([str(TINY_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert f"{TINY_CONFIG} is a file, not a checkpoint" in err and "--flops" in err
+    assert "latest_checkpointed_iteration.txt" not in err
+
+
+def test_routing_of_a_bf16_checkpoint(tmp_path):
+    """bf16 training casts the whole model and its inputs (megatron-core's Float16Module):
+    the routing analysis runs it the same way, where it used to fail on a dtype mismatch."""
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import build_model
+    from megamod.training.checkpoint import save_checkpoint
+    from tests.launcher import world_of_one
+
+    with world_of_one(MOE + ["precision.params_dtype=bf16"]) as config:
+        model = build_model(config, load_tokenizer(config.data.tokenizer)).bfloat16()
+        save_checkpoint(tmp_path / "ckpt", 1, model, None, None, {}, config)
+    result = check(inspect(tmp_path / "ckpt", "--routing", "--data", "tiny", "--batches", 1,
+                           "--json", cwd=tmp_path))
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert {t["dtype"] for t in report["tensors"].values()} == {"bfloat16"}
+    routing = report["routing"]
+    assert routing["moe_layers"] == [0, 2]
+    tokens = [text + image for text, image in zip(routing["tokens"]["text"], routing["tokens"]["image"])]
+    assert tokens[0] == tokens[1] > 0  # every token reaches both MoE layers
+    for row in routing["load"]["all"]:
+        assert sum(row) == pytest.approx(1.0) and all(share >= 0 for share in row)

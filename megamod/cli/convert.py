@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,6 @@ def _progress(message: str) -> None:
 
 def _read_weights(folder: Path) -> StateDict:
     """All tensors of a Hugging Face checkpoint folder (safetensors or PyTorch, sharded or not)."""
-    from safetensors.torch import load_file
-
     name = next((n for n in _WEIGHTS if (folder / n).is_file()), None)
     if name is None:
         raise CheckpointError(
@@ -76,17 +75,37 @@ def _read_weights(folder: Path) -> StateDict:
         )
     files = [folder / name]
     if name.endswith(".index.json"):
-        weight_map = json.loads(files[0].read_text())["weight_map"]
-        files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(files[0].read_text())["weight_map"]
+            files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(
+                f"{files[0]} is damaged: not the JSON index save_pretrained writes (a "
+                f"\"weight_map\" of tensor -> file): copy it again"
+            ) from None
     state: StateDict = {}
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (named by {folder / name})")
-        if file.suffix == ".safetensors":
-            state.update(load_file(file))
-        else:
-            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        state.update(_read_weight_file(file))
     return state
+
+
+def _read_weight_file(file: Path) -> StateDict:
+    """One safetensors or PyTorch weights file; a truncated or garbled one is the user's
+    to replace."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise CheckpointError(
+            f"{file} is damaged (truncated, or not a {file.suffix} weights file): "
+            f"{str(e).splitlines()[0][:200]}: copy it again from where it came from"
+        ) from None
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:

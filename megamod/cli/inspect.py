@@ -52,9 +52,9 @@ def describe(save_dir: Path, config: Config) -> dict[str, Any]:
     from megamod.training import checkpoint
 
     iteration = checkpoint.read_latest_iteration(save_dir)
-    ckpt_dir = str(checkpoint.iteration_dir(save_dir, iteration))
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    ckpt_dir = checkpoint.iteration_dir(save_dir, iteration)
+    common = checkpoint.check_intact(ckpt_dir)
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     shapes = {key: tuple(tensor.global_shape) for key, tensor in metadata.items()}
     moe = config.moe
     pattern = moe.layer_pattern(config.model.language.num_layers)
@@ -152,11 +152,16 @@ def _route(save_dir: Path, config: Config, tokenizer: Tokenizer, batches: int) -
     from megamod.data.loader import build_train_loader, prepare_tiny_shards
     from megamod.models.build import build_model
     from megamod.moe.stats import MODALITIES
+    from megamod.precision import DTYPES
     from megamod.training.checkpoint import load_model_weights
 
     model = build_model(config, tokenizer)
     load_model_weights(save_dir, model)
-    model.eval()
+    # In the dtype training ran in, as `megamod generate` runs it: bf16/fp16 training wraps
+    # the model in megatron-core's Float16Module, which casts all of it and its inputs
+    # (the routers compute in moe.router_dtype on their own).
+    dtype = DTYPES[config.precision.params_dtype]
+    model.to(dtype).eval()
     stats = model.routing_stats
     stats.reset()
     if config.data.train_shards == "tiny":
@@ -165,7 +170,7 @@ def _route(save_dir: Path, config: Config, tokenizer: Tokenizer, batches: int) -
     with loader, torch.no_grad():
         for _ in range(batches):
             for batch in loader.next_step():
-                model(batch["tokens"], batch["images"])
+                model(batch["tokens"], batch["images"].to(dtype))
     tokens = stats.tokens[stats.moe_layers].cpu()  # [MoE layers, modality]
     return {
         "data": config.data.train_shards,
@@ -300,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     from megamod.training.checkpoint import saved_config
 
     try:
+        if args.checkpoint.is_file():
+            raise CheckpointError(
+                f"{args.checkpoint} is a file, not a checkpoint (a checkpoint.save_dir "
+                f"folder); for a config's FLOPs and KV cache add --flops: megamod inspect "
+                f"{args.checkpoint} --flops"
+            )
         config = saved_config(args.checkpoint)
         summary = describe(args.checkpoint, config)
         if args.routing and summary["moe"] is None:

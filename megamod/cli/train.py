@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megamod.cli import rank_prefix
-from megamod.errors import MegamodError
+from megamod.errors import ConfigError, MegamodError
+
+if TYPE_CHECKING:
+    from megamod.config import Config
 
 USAGE = ("usage: megamod train CONFIG.yaml [key.sub=value ...] "
          "[--dry-run [--world-size N] [--gpu-memory GIB] [--json]]")
@@ -67,6 +72,7 @@ def main(argv: list[str]) -> int:
     from megamod.config import load_config
 
     config = load_config(argv[0], args.overrides)  # fails before any process group exists
+    make_output_dirs(config)
 
     from megamod.training.preemption import EXIT_RESUMABLE, PreemptionWatcher
 
@@ -93,6 +99,31 @@ def main(argv: list[str]) -> int:
     finally:
         destroy_distributed()
     return EXIT_RESUMABLE if result.stopped_early else 0
+
+
+def make_output_dirs(config: Config) -> None:
+    """Create `checkpoint.save_dir` and `logging.tensorboard_dir` (as the run would, at
+    its first save or log) and check that files can be written there: a path under a
+    file, under /proc or in a read-only folder is refused now, naming the key, instead of
+    after the process group and the model are set up. Every rank checks, so all of
+    them exit alike."""
+    import tempfile
+
+    for key, path in (("checkpoint.save_dir", config.checkpoint.save_dir),
+                      ("logging.tensorboard_dir", config.logging.tensorboard_dir)):
+        if path is None:
+            continue
+        step = "cannot be created"
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            step = "is a folder no file can be written to"
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"{key}={path} {step} ({e.strerror}): set {key} to a folder this job can "
+                f"create and write"
+            ) from None
 
 
 def dry_run(parser: argparse.ArgumentParser, path: str, args: argparse.Namespace) -> int:

@@ -4,7 +4,11 @@ Layout (Megatron-LM's): `save_dir/iter_NNNNNNN/` plus `latest_checkpointed_itera
 Every rank writes its shards into a hidden temporary folder; only when all have
 finished does rank 0 rename it to `iter_NNNNNNN` and then replace the tracker file.
 A process killed mid-write leaves the temporary folder behind, never a torn
-`iter_*` named as latest; the next save removes it.
+`iter_*` named as latest; the next save removes it. A save that fails to write (a full
+disk) removes its own folder and says where and how much room there is; the latest
+checkpoint stays as it was. Reading checks a checkpoint's files first (`check_intact`):
+a damaged one (a truncated `common.pt`, a garbled tracker or `metadata.json`) is named
+with the iterations of the save_dir to resume from instead.
 
 Model and optimizer state are sharded tensors, so a checkpoint loads at another TP,
 EP and DP size, and with the plain or the distributed optimizer whichever saved it.
@@ -24,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -38,7 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, CheckpointingException
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import (
@@ -86,28 +92,55 @@ def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     # A fresh dict per call: megatron-core stores the current DP group into it.
     return model.sharded_state_dict(metadata=dict(_MODEL_METADATA))
 _TMP_PREFIX = ".tmp_iter_"
+_ITERATION_DIR = re.compile(r"iter_(\d{7})")
 
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
+def saved_iterations(save_dir: str | Path) -> list[int]:
+    """The iterations `save_dir` holds an `iter_NNNNNNN` folder of, ascending."""
+    found = (_ITERATION_DIR.fullmatch(p.name) for p in Path(save_dir).glob("iter_*") if p.is_dir())
+    return sorted(int(m[1]) for m in found if m)
+
+
+def _resume_hint(save_dir: Path, but: int | None = None) -> str:
+    """How to go on from another iteration of `save_dir` than `but` (a damaged or missing
+    one), or, when there is none, from scratch."""
+    tracker = save_dir / TRACKER_FILE
+    others = [i for i in saved_iterations(save_dir) if i != but]
+    if others:
+        which = "an" if but is None else "another"
+        return (f"resume from {which} iteration there ({', '.join(map(str, others))}): write "
+                f"its number into {tracker}")
+    folder = "" if but is None else f"{iteration_dir(save_dir, but)} and "
+    return f"{save_dir} holds no other iteration: delete {folder}{tracker} to start afresh"
+
+
 def read_latest_iteration(load_dir: str | Path) -> int:
-    tracker = Path(load_dir) / TRACKER_FILE
+    load_dir = Path(load_dir)
+    tracker = load_dir / TRACKER_FILE
     try:
-        text = tracker.read_text().strip()
+        raw = tracker.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(
             f"no checkpoint to resume: {tracker} does not exist (checkpoint.load must be a "
             f"save_dir of an earlier run)"
         ) from None
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker} should hold an iteration number, holds {text!r}")
+    # ASCII digits only: str.isdigit() also passes '²', which int() refuses.
+    text = raw.decode("ascii", errors="replace").strip()
+    if not re.fullmatch(r"[0-9]+", text):
+        held = text[:40] if raw.isascii() else raw.strip()[:40]
+        raise CheckpointError(
+            f"{tracker} is damaged: it should hold the number of the latest iteration but "
+            f"holds {held!r}: {_resume_hint(load_dir)}"
+        )
     iteration = int(text)
     if not iteration_dir(load_dir, iteration).is_dir():
         raise CheckpointError(
             f"{tracker} names iteration {iteration} but {iteration_dir(load_dir, iteration)} "
-            f"is missing"
+            f"is missing: {_resume_hint(load_dir, iteration)}"
         )
     return iteration
 
@@ -188,22 +221,91 @@ def save_checkpoint(
             model_state, metadata=dict(_OPTIMIZER_METADATA)
         )
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp_dir))
-    torch.distributed.barrier()
-
-    if rank == 0:
-        if final_dir.exists():  # re-saving an iteration after a resume
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
-        tracker_tmp = save_dir / f".{TRACKER_FILE}.tmp"
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, save_dir / TRACKER_FILE)
-        _fsync_dir(save_dir)
+    tracker_tmp = save_dir / f".{TRACKER_FILE}.tmp"
+    with _reporting_write_failure(save_dir, iteration, (tmp_dir, tracker_tmp)):
+        dist_checkpointing.save(state, str(tmp_dir))
+        torch.distributed.barrier()
+        if rank == 0:
+            if final_dir.exists():  # re-saving an iteration after a resume
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+            with open(tracker_tmp, "w") as f:
+                f.write(f"{iteration}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tracker_tmp, save_dir / TRACKER_FILE)
+            _fsync_dir(save_dir)
     torch.distributed.barrier()
     return final_dir
+
+
+# How a failed write (a full disk, a quota, an I/O error) reaches save_checkpoint: an
+# OSError from Python's own writes (metadata.json, the tracker); a RuntimeError of torch's
+# zip writer after a short write ("unexpected pos", "failed writing"), errno lost, from
+# common.pt; the shard writer processes' failures re-raised as "Worker failure: <text>"
+# and wrapped per rank in torch's CheckpointException.
+_WRITE_FAILED = re.compile(r"unexpected pos|failed writing|Worker failure")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_failure(error: BaseException) -> BaseException | None:
+    """The failed write inside `error` (its causes, a CheckpointException's per-rank
+    failures), or None when `error` is something else (a bug)."""
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _WRITE_FAILED.search(str(e))):
+            return e
+        failures = getattr(e, "failures", None) or {}
+        pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return None
+
+
+@contextlib.contextmanager
+def _reporting_write_failure(
+    save_dir: Path, iteration: int, partial: tuple[Path, ...]
+) -> Iterator[None]:
+    """A failed write of iteration `iteration` as a CheckpointError saying where, how much
+    room there is, and that the latest checkpoint is intact; rank 0 removes the `partial`
+    files (this save's own) to give the room back."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # torch's is a BaseException
+        cause = _write_failure(e)
+        if cause is None:
+            raise
+        free = shutil.disk_usage(save_dir).free
+        try:
+            latest: int | None = read_latest_iteration(save_dir)
+        except CheckpointError:
+            latest = None
+        # What a checkpoint takes: the latest one, else what this one wrote before failing.
+        need = sum(_bytes_under(p) for p in ([iteration_dir(save_dir, latest)] if latest is not None
+                                             else partial))
+        full = (getattr(cause, "errno", None) in _DISK_FULL or free < need
+                or any(os.strerror(n) in str(cause) for n in _DISK_FULL))
+        if torch.distributed.get_rank() == 0:
+            for path in partial:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        what = "the disk is full" if full else f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+        kept = ("no earlier checkpoint there" if latest is None
+                else f"the latest checkpoint, {iteration_dir(save_dir, latest)}, is intact")
+        raise CheckpointError(
+            f"saving iteration {iteration} into checkpoint.save_dir {save_dir} failed: {what} "
+            f"({free / 2**20:.1f} MiB free there; a checkpoint takes about {need / 2**20:.1f} "
+            f"MiB); {kept}. Free space there, or set checkpoint.save_dir to a disk with room, "
+            f"and run again"
+        ) from None
+
+
+def _bytes_under(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -224,26 +326,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_intact(ckpt_dir: Path) -> None:
+def check_intact(ckpt_dir: Path) -> dict[str, Any]:
     """Raise CheckpointError naming the file when `ckpt_dir` is incomplete: a file that
     dist_checkpointing writes is missing or unreadable, or a `.distcp` shard is shorter
     than its index (`.metadata`) says (an interrupted copy, a full disk). Reads only the
-    small files and the shards' sizes."""
-    fix = (
-        f"copy it again from where it came from, or point {ckpt_dir.parent / TRACKER_FILE} "
-        f"at an earlier iter_* folder"
-    )
+    small files and the shards' sizes; returns the common state (`common.pt`)."""
 
     def damaged(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {ckpt_dir} is damaged: {what}: {fix}")
+        return _damaged(ckpt_dir, what)
 
     for name in (_DIST_CONFIG_FILE, _COMMON_FILE, _INDEX_FILE):
         if not (ckpt_dir / name).is_file():
             raise damaged(f"{name} is missing")
     try:
-        json.loads((ckpt_dir / _DIST_CONFIG_FILE).read_text())
+        CheckpointingConfig(**json.loads((ckpt_dir / _DIST_CONFIG_FILE).read_text()))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise damaged(f"{_DIST_CONFIG_FILE} is not valid JSON") from None
+    except TypeError:  # JSON, but not the object dist_checkpointing writes
+        raise damaged(f"{_DIST_CONFIG_FILE} does not name a checkpoint format") from None
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    except Exception as e:  # any unpickling failure of a truncated or garbled file
+        raise damaged(f"{_COMMON_FILE} cannot be read (truncated? {type(e).__name__})") from None
+    if not isinstance(common, dict):
+        raise damaged(f"{_COMMON_FILE} holds a {type(common).__name__}, not a checkpoint's state")
     try:
         index = FileSystemReader(str(ckpt_dir)).read_metadata()
     except Exception as e:  # any unpickling failure of a truncated or garbled file
@@ -258,6 +364,31 @@ def check_intact(ckpt_dir: Path) -> None:
         size = shard.stat().st_size
         if size < end:
             raise damaged(f"{name} is truncated ({size} bytes, its index needs {end})")
+    return common
+
+
+def _damaged(ckpt_dir: Path, what: str) -> CheckpointError:
+    found = _ITERATION_DIR.fullmatch(ckpt_dir.name)
+    return CheckpointError(
+        f"checkpoint {ckpt_dir} is damaged: {what}: copy it again from where it came from, "
+        f"or {_resume_hint(ckpt_dir.parent, int(found[1]) if found else None)}"
+    )
+
+
+# megatron-core's messages for missing keys list every key of the checkpoint (16 KB for
+# a 7B model): quoted names, comma-separated, in brackets.
+_KEY_LIST = re.compile(r"\[('[^']*'(?:, '[^']*')*)\]")
+_KEYS_SHOWN = 3
+
+
+def _short_key_lists(text: str) -> str:
+    def cut(match: re.Match) -> str:
+        keys = re.findall(r"'[^']*'", match[1])
+        if len(keys) <= _KEYS_SHOWN:
+            return match[0]
+        return f"[{', '.join(keys[:_KEYS_SHOWN])}, ... ({len(keys) - _KEYS_SHOWN} more)]"
+
+    return _KEY_LIST.sub(cut, text)
 
 
 def _load(sharded: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
@@ -276,8 +407,10 @@ def _load(sharded: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
                 f"({type(cause).__name__}: {cause}): copy it again, or load an earlier iteration"
             ) from None
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} cannot be loaded into this model: {cause}. If model.* "
-            f"changed, use the settings it was saved with"
+            f"checkpoint {ckpt_dir} cannot be loaded into this model: "
+            f"{_short_key_lists(str(cause))}. If a model.*, moe.*, mod.* or precision.* setting "
+            f"changed, use the one it was saved with (`megamod inspect {ckpt_dir.parent}` lists "
+            f"them)"
         ) from None
 
 
@@ -286,6 +419,11 @@ def saved_config(load_dir: str | Path) -> Config:
     Raises CheckpointError naming the fix when `load_dir` is no save_dir or its config
     cannot be read by this version of megamod."""
     load_dir = Path(load_dir)
+    if load_dir.is_file():
+        raise CheckpointError(
+            f"{load_dir} is a file: give the checkpoint.save_dir of a training run (the "
+            f"folder that holds {TRACKER_FILE} and the iter_* folders)"
+        )
     if not (load_dir / TRACKER_FILE).is_file():
         missing = load_dir / TRACKER_FILE if load_dir.exists() else load_dir
         raise CheckpointError(
@@ -293,8 +431,7 @@ def saved_config(load_dir: str | Path) -> Config:
             f"folder that holds {TRACKER_FILE} and the iter_* folders)"
         )
     ckpt_dir = iteration_dir(load_dir, read_latest_iteration(load_dir))
-    check_intact(ckpt_dir)
-    raw = dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get("config")
+    raw = check_intact(ckpt_dir).get("config")
     if raw is None:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} predates checkpoints that carry their config: this "
@@ -359,37 +496,81 @@ def check_moe_layout(load_dir: str | Path, config: Config) -> None:
 
 
 def config_for_load(load_dir: str | Path, config: Config, tokenizer_size: int, finetune: bool) -> Config:
-    """`config` checked against the checkpoint it starts from (the MoE layout; on a resume,
-    MoD on or off), with the vocabulary rows the checkpoint was trained with (padded at
-    that run's TP size, which may differ from this one's) unless the config fixes them."""
+    """`config` checked against the checkpoint it starts from (on a resume, the model and
+    its optimizer state's layout; the MoE layout), with the vocabulary rows the checkpoint
+    was trained with (padded at that run's TP size, which may differ from this one's)
+    unless the config fixes them."""
     from megamod.models.build import vocab_size, with_vocab_size
 
-    check_moe_layout(load_dir, config)
     if not finetune:
         check_resume_matches(load_dir, config)
+    check_moe_layout(load_dir, config)
     if config.model.language.vocab_size is not None:
         return config
     return with_vocab_size(config, vocab_size(saved_config(load_dir), tokenizer_size))
 
 
+def _resume_layout(c: Config) -> dict[str, Any]:
+    """The settings a full resume must keep, by config key: they shape the model's tensors
+    or the optimizer state saved for them (MoE's: `check_moe_layout`). The ViT's
+    num_layers and feature_layer count only through the layers they build."""
+    vision, language = c.model.vision, c.model.language
+    return {
+        "mod.enabled": c.mod.enabled,
+        "precision.params_dtype": c.precision.params_dtype,
+        **{f"model.vision.{k}": getattr(vision, k) for k in (
+            "image_size", "patch_size", "hidden_size", "ffn_hidden_size", "num_attention_heads")},
+        **{f"model.language.{k}": getattr(language, k) for k in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "normalization", "swiglu", "untie_embeddings_and_output_weights")},
+        "model.language.num_query_groups":
+            language.num_query_groups or language.num_attention_heads,
+    }
+
+
+# What `checkpoint.finetune=true` may change (it loads the weights only, cast to the
+# run's dtype; MoD routers it lacks start at zero).
+_FINETUNE_MAY_CHANGE = ("mod.enabled", "precision.params_dtype")
+
+
 def check_resume_matches(load_dir: str | Path, config: Config) -> None:
-    """Refuse a full resume whose config turns MoD on or off: the routers would be dropped
-    (or start at zero mid-run) and the next save would no longer resume with the other
-    setting. A new stage from the weights (`checkpoint.finetune=true`) may change it."""
-    saved = saved_config(load_dir).mod.enabled
-    if saved != config.mod.enabled:
-        raise CheckpointError(
-            f"checkpoint {load_dir} was trained with mod.enabled={_yaml(saved).lower()}: "
-            f"resuming it with mod.enabled={_yaml(config.mod.enabled).lower()} would "
-            f"{'drop its MoD routers' if saved else 'add untrained MoD routers mid-run'}. Set "
-            f"mod.enabled={_yaml(saved).lower()}, or checkpoint.finetune=true to start a new "
-            f"stage from its weights"
-        )
+    """Refuse, naming the config keys first, a full resume whose config changes what the
+    checkpoint's tensors and optimizer state were saved for (model sizes, dtype, MoD on or
+    off: dropping or adding MoD routers mid-run would also leave a checkpoint the other
+    setting cannot resume). A new stage from the weights (`checkpoint.finetune=true`) may
+    change the dtype and MoD."""
+    saved = saved_config(load_dir)
+    theirs, ours = _resume_layout(saved), _resume_layout(config)
+    wrong = [k for k in ours if ours[k] != theirs[k]]
+    vision, saved_vision = config.model.vision, saved.model.vision
+    if vision.num_built_layers != saved_vision.num_built_layers:
+        for k in ("num_layers", "feature_layer"):
+            if getattr(vision, k) != getattr(saved_vision, k):
+                key = f"model.vision.{k}"
+                theirs[key], ours[key] = getattr(saved_vision, k), getattr(vision, k)
+                wrong.append(key)
+    if not wrong:
+        return
+    why = ""
+    if "mod.enabled" in wrong:
+        why = (" (resuming would " + ("drop its MoD routers" if saved.mod.enabled
+                                      else "add untrained MoD routers mid-run") + ")")
+    finetune = ""
+    if all(k in _FINETUNE_MAY_CHANGE for k in wrong):
+        finetune = ", or checkpoint.finetune=true to start a new stage from its weights"
+    raise CheckpointError(
+        f"checkpoint {load_dir} was trained with other settings: "
+        + ", ".join(f"{k} is {_yaml(theirs[k])} there but {_yaml(ours[k])} here" for k in wrong)
+        + f"{why}. Set " + " ".join(f"{k}={_yaml(theirs[k])}" for k in wrong)
+        + f" to resume it{finetune}"
+    )
 
 
 def _yaml(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, list):
         return "[" + ",".join(map(str, value)) + "]"
     return str(value)
@@ -422,8 +603,7 @@ def load_checkpoint(
     """Resume everything; returns (iteration, data state). Collective."""
     iteration = read_latest_iteration(load_dir)
     ckpt_dir = iteration_dir(load_dir, iteration)
-    check_intact(ckpt_dir)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    common = check_intact(ckpt_dir)
     if "scheduler" not in common:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} holds model weights only (no optimizer state to resume): "

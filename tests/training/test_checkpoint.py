@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megamod.data.tokenizer import load_tokenizer
 from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, megamod_train, run, torchrun
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
+TINY_VOCAB = load_tokenizer("tiny").vocab_size
 TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 
 
@@ -141,7 +144,9 @@ def test_unusable_checkpoints_exit_2_naming_the_problem(run_a, tmp_path):
 
     other_shape = train_from(run_a / "ckpt", "model.language.ffn_hidden_size=320")
     assert other_shape.returncode == 2, other_shape.stderr[-3000:]
-    assert "linear_fc1.weight" in other_shape.stderr and "model.*" in other_shape.stderr
+    error = next(line for line in other_shape.stderr.splitlines() if line.startswith("error:"))
+    assert "model.language.ffn_hidden_size is 352 there but 320 here" in error
+    assert "model.language.ffn_hidden_size=352" in error and len(other_shape.stderr) < 2000
     no_checkpoint = train_from(tmp_path)
     assert no_checkpoint.returncode == 2
     assert "latest_checkpointed_iteration.txt does not exist" in no_checkpoint.stderr
@@ -208,3 +213,106 @@ def test_kill_during_checkpoint_write_keeps_previous_latest(tmp_path):
     assert sorted(step_losses(result.stdout)) == [3, 4]
     assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert not torn.exists()
+
+
+# A full resume keeps what the checkpoint's tensors and optimizer state were saved for:
+# each change is refused before loading, the key named in the message's first words.
+LAYOUT_CHANGES = [
+    (["precision.params_dtype=bf16"], "precision.params_dtype is fp32 there but bf16 here"),
+    (["mod.enabled=true"], "mod.enabled is false there but true here"),
+    (["model.language.hidden_size=256"], "model.language.hidden_size is 128 there but 256 here"),
+    (["model.language.num_query_groups=4"], "model.language.num_query_groups is 2 there but 4 here"),
+    (["model.vision.num_layers=4"], "model.vision.num_layers is 3 there but 4 here"),
+    (["moe.num_experts=4"], "moe.num_experts is null there but 4 here"),
+]
+
+
+@pytest.mark.parametrize("overrides, words", LAYOUT_CHANGES, ids=[w.split()[0] for _, w in LAYOUT_CHANGES])
+def test_a_resume_into_another_layout_names_the_key(run_a, overrides, words):
+    from megamod.config import load_config
+    from megamod.errors import CheckpointError
+    from megamod.training.checkpoint import config_for_load
+
+    with pytest.raises(CheckpointError) as error:
+        config_for_load(run_a / "ckpt", load_config(TINY_CONFIG, TP2_SP + overrides), TINY_VOCAB,
+                        finetune=False)
+    first = str(error.value).split(". ")[0]
+    assert first.startswith(f"checkpoint {run_a / 'ckpt'} ") and words in first, str(error.value)
+
+
+def test_what_may_change_on_a_resume_or_a_new_stage_passes(run_a):
+    from megamod.config import load_config
+    from megamod.training.checkpoint import config_for_load
+
+    def check(overrides: list[str], finetune: bool) -> None:
+        config_for_load(run_a / "ckpt", load_config(TINY_CONFIG, TP2_SP + overrides), TINY_VOCAB,
+                        finetune)
+
+    # The same ViT layers are built (feature layer -3 of 4 is -2 of 3); RoPE has no tensors.
+    check(["model.vision.num_layers=4", "model.vision.feature_layer=-3",
+           "model.language.seq_length=256", "train.lr=1e-3"], finetune=False)
+    # A new stage from the weights may change the dtype and add MoD routers.
+    check(["precision.params_dtype=bf16", "mod.enabled=true"], finetune=True)
+
+
+def test_a_tensor_mismatch_lists_a_few_keys_not_all(run_a):
+    """A new stage whose model wants tensors the checkpoint lacks (LayerNorm biases):
+    megatron-core's message lists every saved key; the error keeps three and a count."""
+    from megamod.config import load_config
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.errors import CheckpointError
+    from megamod.models.build import build_model
+    from megamod.parallel import world_of_one
+    from megamod.training.checkpoint import config_for_load, load_model_weights
+
+    tokenizer = load_tokenizer("tiny")
+    config = config_for_load(run_a / "ckpt", load_config(TINY_CONFIG, [
+        "model.language.normalization=LayerNorm", "checkpoint.save_dir=null",
+        "checkpoint.save_interval=null"]), tokenizer.vocab_size, finetune=True)
+    with world_of_one(config.parallel, config.train.seed, "tests"):
+        with pytest.raises(CheckpointError) as error:
+            load_model_weights(run_a / "ckpt", build_model(config, tokenizer))
+    message = str(error.value)
+    shortened = re.search(r"\.\.\. \((\d+) more\)\]", message)
+    assert "cannot be loaded into this model" in message and shortened, message
+    assert int(shortened[1]) > 50 and len(message) < 1500, message
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_latest(tmp_path, monkeypatch):
+    """The shard writer (a forked process per bucket, as on a real run) fails with ENOSPC
+    while writing iteration 2: exit-2 error naming the disk and the save_dir; iteration 1
+    stays the latest, byte for byte, and the partial folder is gone."""
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.errors import CheckpointError
+    from megamod.models.build import build_model
+    from megamod.training.checkpoint import check_intact, save_checkpoint
+    from tests.launcher import world_of_one
+
+    save_dir = tmp_path / "ckpt"
+    with world_of_one() as config:
+        model = build_model(config, load_tokenizer(config.data.tokenizer))
+        save_checkpoint(save_dir, 1, model, None, None, {}, config)
+        before = _files(save_dir / "iter_0000001")
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+        with pytest.raises(CheckpointError) as error:
+            save_checkpoint(save_dir, 2, model, None, None, {}, config)
+    message = str(error.value)
+    assert f"saving iteration 2 into checkpoint.save_dir {save_dir} failed: the disk is full" in message
+    assert f"{save_dir / 'iter_0000001'}, is intact" in message
+    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert _files(save_dir / "iter_0000001") == before
+    check_intact(save_dir / "iter_0000001")
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "iter_0000001", "latest_checkpointed_iteration.txt"]
