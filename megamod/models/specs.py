@@ -64,7 +64,10 @@ def decoder_block_spec(
     explicit mask under `causal`. Departure from Megatron-LM's packed SFT (THD layout, TE's
     varlen kernels through `PackedSeqParams`): MoD layers attend over their own kept
     tokens, whose per-sample boundaries differ per layer, which a mask expresses directly;
-    the THD path is the faster one to add once it can be checked on a GPU."""
+    the THD path is the faster one to add once it can be checked on a GPU. On CPU the mask
+    beat the alternative without a varlen kernel, one causal SDPA call per sample: forward +
+    backward at 2 rows x 8 heads x 512 positions x 64, 7 samples, 2 cores (2026-12-07):
+    mask 0.61 s, per-sample calls 0.79 s (a plain causal row, wrong here, 0.32 s)."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization
     )

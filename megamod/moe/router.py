@@ -193,12 +193,23 @@ class TopKRouterWithStats(TopKRouter):
         )
 
     def apply_z_loss(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Upstream's ST-MoE z-loss, attached with `_loss_token_weight` (the only change)."""
+        """Upstream's ST-MoE z-loss, attached with `_loss_token_weight`, and with padding
+        exact under sequence parallelism: upstream averages each rank's z-loss over that
+        rank's real tokens and divides by the TP x CP size, which is the mean over the
+        micro-batch only when every rank holds as many real tokens (a row's padding sits
+        at its end: on the last ranks). Each rank's mean is weighted by its share of the
+        real tokens instead (one all-reduce of a count)."""
         if self.config.moe_z_loss_coeff is None or not self.training or not torch.is_grad_enabled():
             return logits
         # Each TP/CP rank holds part of the tokens: average its partial z-loss over them.
-        moe_z_loss_coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+        group_size = self.tp_cp_group.size()
+        moe_z_loss_coeff = self.config.moe_z_loss_coeff / group_size
         z_loss = z_loss_func(logits, moe_z_loss_coeff, padding_mask=padding_mask)
+        if padding_mask is not None and group_size > 1:
+            real = (~padding_mask).sum().to(z_loss.dtype)
+            total = real.clone()
+            torch.distributed.all_reduce(total, group=self.tp_cp_group)
+            z_loss = z_loss * (real * group_size / total.clamp(min=1))
         if self.calculate_per_token_loss:
             routed = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
             logits = MoEAuxLossAutoScaler.apply(logits, z_loss * self._loss_token_weight(routed))
