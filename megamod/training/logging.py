@@ -58,7 +58,8 @@ class MetricsLogger:
     """
 
     AVERAGED = ("train/loss", "train/grad_norm", "train/step_time", "train/tokens_per_sec",
-                "train/tflops_per_step", "train/tflops_per_sec", "data/wait_fraction")
+                "train/tflops_per_step", "train/tflops_per_sec", "data/wait_fraction",
+                "data/padding_fraction", "data/samples_per_step")
 
     def __init__(
         self, tensorboard_dir: str | None, log_interval: int, start_iteration: int = 0
