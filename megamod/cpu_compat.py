@@ -13,18 +13,19 @@ Three mechanisms, each the narrowest that works:
    name `torch` whose factory functions map that device to the CPU. Only the modules
    listed in `_CUDA_LITERAL_MODULES` (each with the upstream spot it answers).
 3. Single upstream functions or classes that cannot be redirected are replaced (RNG
-   tracker state get/set, the torch norm wrapper under sequence parallelism, the MoE
-   router's TE gemm name and the alltoall dispatcher's split sizes) or wrapped (the
-   mixed-precision and distributed optimizers' parameter sorting, which names CUDA
-   tensor types; the distributed optimizer's state loading, which misses torch AdamW's
-   per-parameter step).
+   tracker state get/set, the torch norm wrapper under sequence parallelism, the alltoall
+   dispatcher's split sizes) or wrapped (the mixed-precision and distributed optimizers'
+   parameter sorting, which names CUDA tensor types; the distributed optimizer's state
+   loading, which misses torch AdamW's per-parameter step).
 
 gloo needs no shim: with overlap off, megatron-core's DDP and distributed optimizer call
 `reduce_scatter_tensor` and `all_gather_into_tensor` (in `_coalescing_manager`), which
 torch 2.13's gloo backend runs on CPU tensors.
 
 Every patch here is exercised by tests/test_cpu_compat.py or the distributed tests
-(the distributed optimizer's: tests/training/test_distributed_optimizer.py).
+(the distributed optimizer's: tests/training/test_distributed_optimizer.py). Upstream bugs
+that are not about the CPU (e.g. MoE's undefined `te_general_gemm` without
+transformer-engine) are fixed for every device in `megamod.models.upstream_fixes`.
 """
 
 from __future__ import annotations
@@ -280,20 +281,12 @@ def _patch_distributed_optimizer() -> None:
 
 
 def _patch_moe() -> None:
-    """Mechanism 3d: megatron-core's MoE on CPU (local experts, no TE).
-
-    - moe/moe_utils.py imports `te_general_gemm` only when TE imports, then tests
-      `te_general_gemm is not None` in `RouterGatingLinearFunction`: a NameError without
-      TE. Define it as None, the value upstream means by "not available".
-    - moe/token_dispatcher.py (alltoall) moves split sizes to the host with
-      `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only CUDA tensors;
-      on CPU the tensors reach `all_to_all_single` as split sizes (TypeError). The
-      replacement converts CPU tensors to numpy too, as the GPU path returns.
-    """
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    """Mechanism 3d: megatron-core's MoE on CPU (local experts, no TE):
+    moe/token_dispatcher.py (alltoall) moves split sizes to the host with
+    `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only CUDA tensors; on
+    CPU the tensors reach `all_to_all_single` as split sizes (TypeError). The replacement
+    converts CPU tensors to numpy too, as the GPU path returns."""
+    from megatron.core.transformer.moe import token_dispatcher
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
         if torch.is_tensor(tensor) and as_numpy:

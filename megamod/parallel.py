@@ -134,6 +134,17 @@ def parallel_layout(parallel: ParallelConfig, world_size: int) -> ParallelLayout
                           world_size // (ep * etp * pp))
 
 
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """This rank's GPU among the `visible_devices` it sees: its local rank when every rank
+    of the node sees every GPU (torchrun, plain srun), else modulo the count: under
+    per-task GPU binding (`srun --gpus-per-task=1`, `--gpu-bind`) each task sees only
+    its own GPU(s) (CUDA_VISIBLE_DEVICES), numbered from 0, while SLURM_LOCALID still
+    counts the node's tasks."""
+    if visible_devices < 1:
+        raise ValueError(f"no visible CUDA device for local rank {local_rank}")
+    return local_rank % visible_devices
+
+
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     """Create the default process group and megatron-core's parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
@@ -146,7 +157,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     env = dist_env_from(os.environ)
     parallel_layout(parallel, env.world_size)
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(cuda_device_index(env.local_rank, torch.cuda.device_count()))
         backend = "nccl"
     else:
         from megamod import cpu_compat

@@ -48,6 +48,7 @@ def test_cuda_machines_never_get_the_patches(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
     monkeypatch.setattr(cpu_compat, "apply", lambda: calls.append("apply"))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
@@ -325,13 +326,18 @@ def test_vision_embeddings_use_positions_0_to_n(world):
 
 def test_moe_layer_with_the_alltoall_dispatcher_equals_a_moe_by_hand():
     """megatron-core's MoELayer (router with fp32 gating, alltoall dispatcher, sequential
-    local experts) against top-2 routing by hand. Patches: moe_utils.te_general_gemm (None
-    without TE, read by the fp32 gating), torch.cuda.Stream / current_stream / Event
-    synchronisation (the dispatcher's device-to-host stream) and current_device (the
-    router moves its weights there)."""
+    local experts) against top-2 routing by hand. Patches: torch.cuda.Stream /
+    current_stream / Event synchronisation (the dispatcher's device-to-host stream) and
+    current_device (the router moves its weights there). The fp32 gating also needs
+    moe_utils.te_general_gemm defined without TE: not a CPU patch but an upstream fix for
+    every device (megamod.models.upstream_fixes, tests/models/test_gpu_path.py), applied
+    here as build_model applies it."""
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.transformer.spec_utils import build_module
 
+    from megamod.models import upstream_fixes
+
+    upstream_fixes.apply()
     torch.manual_seed(2)
     config = transformer_config(num_moe_experts=4, moe_router_topk=2, add_bias_linear=False,
                                 moe_token_dispatcher_type="alltoall", moe_router_dtype="fp32",

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from megamod.parallel import dist_env_from, first_slurm_host
+from megamod.parallel import cuda_device_index, dist_env_from, first_slurm_host
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,18 @@ def test_single_process_picks_a_free_port_not_torchruns_default():
         assert port != 29500
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    "local_rank, visible, index",
+    [(0, 8, 0), (5, 8, 5),  # torchrun or plain srun: every rank sees the node's 8 GPUs
+     (5, 1, 0), (7, 1, 0),  # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
+     (3, 2, 1)],            # --gpus-per-task=2: one of the task's own two
+)
+def test_cuda_device_index_stays_among_the_visible_gpus(local_rank, visible, index):
+    assert cuda_device_index(local_rank, visible) == index
+
+
+def test_cuda_device_index_without_a_visible_gpu_says_so():
+    with pytest.raises(ValueError, match="no visible CUDA device for local rank 2"):
+        cuda_device_index(2, 0)

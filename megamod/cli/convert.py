@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pickle
 import sys
 import time
@@ -44,7 +43,7 @@ import yaml
 
 from megamod.cli.output import check_output, staged
 from megamod.config import Config, LanguageConfig, build_dataclass
-from megamod.convert.hf import StateDict, from_hf, from_hf_parts, pad_vocab, to_hf
+from megamod.convert.hf import StateDict, from_hf, from_hf_parts, module_names, pad_vocab, to_hf
 from megamod.data.tokenizer import Tokenizer, load_tokenizer
 from megamod.errors import CheckpointError, MegamodError
 
@@ -145,6 +144,7 @@ def _naming(path: str) -> Iterator[None]:
 def _load(model: LLaVA, state: StateDict, source: Path, fresh: tuple[str, ...] = ()) -> None:
     """Copy `state` into `model`; tensors named `fresh*` keep the model's initialisation."""
     own = model.state_dict()
+    state = module_names(state, own.keys())  # the model's own names, whichever spec built it
     for key, tensor in state.items():
         if key in own and own[key].shape != tensor.shape:
             raise CheckpointError(
@@ -310,8 +310,6 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     _check_args(p, args)
-    # On CPU megamod builds local layer specs, whose state-dict names the adapters use.
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from megamod.training.logging import silence_upstream_warnings
 
     silence_upstream_warnings()

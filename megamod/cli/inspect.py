@@ -162,6 +162,7 @@ def _route(save_dir: Path, config: Config, tokenizer: Tokenizer, batches: int) -
     # (the routers compute in moe.router_dtype on their own).
     dtype = DTYPES[config.precision.params_dtype]
     model.to(dtype).eval()
+    device = next(model.parameters()).device
     stats = model.routing_stats
     stats.reset()
     if config.data.train_shards == "tiny":
@@ -170,7 +171,9 @@ def _route(save_dir: Path, config: Config, tokenizer: Tokenizer, batches: int) -
     with loader, torch.no_grad():
         for _ in range(batches):
             for batch in loader.next_step():
-                model(batch["tokens"], batch["images"].to(dtype))
+                # Padding (and packed rows' boundaries) as in training: padding routes nowhere.
+                inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask")}
+                model(**inputs | {"images": inputs["images"].to(dtype)})
     tokens = stats.tokens[stats.moe_layers].cpu()  # [MoE layers, modality]
     return {
         "data": config.data.train_shards,

@@ -6,7 +6,10 @@ state dict and the megamod config (a raw dict for `build_dataclass(Config, ...)`
 `to_hf(state_dict, config, image_token_id)` goes back. `from_hf_parts` builds the same from
 a `CLIPVisionModel` and a Llama-family causal LM, without a projector. megamod's names are
 those of `LLaVA.state_dict()` built at TP=1 with megatron-core's local (non-TE) layer specs;
-dist_checkpointing reshards them to any TP/EP.
+dist_checkpointing reshards them to any TP/EP. A model built with transformer-engine's
+specs names some tensors otherwise (`local_names`): its layer norms live in the linear
+after them, and grouped-GEMM experts are one module. `to_hf` takes either; `module_names`
+gives `from_hf`'s tensors the names of the model they are loaded into.
 
 HF layouts read: transformers 4.x / the hub's `llava-hf/llava-1.5-7b-hf`
 (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`,
@@ -47,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -346,6 +349,54 @@ def _mapping(config: Config, projector: bool = True) -> dict[str, str | _Fused]:
     return m
 
 
+# transformer-engine's state_dict() names -> the local spec's, for the tensors they differ
+# in: TELayerNormColumnParallelLinear holds the norm before it (the names megatron-core's
+# local GPT spec and megamod's local ViT spec map to in `sharded_state_dict_keys_map`), and
+# TEGroupedMLP holds every expert's weight as `weight{e}` of one linear.
+_LOCAL_NAMES = tuple((re.compile(pattern), local) for pattern, local in (
+    (r"\.self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r".input_layernorm.\1"),
+    (r"\.mlp\.linear_fc1\.layer_norm_(weight|bias)$", r".pre_mlp_layernorm.\1"),
+    (r"\.mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$",
+     r".mlp.experts.local_experts.\3.\1.\2"),
+))
+# The reverse: a local name -> transformer-engine's.
+_TE_NAMES = tuple((re.compile(pattern), te) for pattern, te in (
+    (r"\.input_layernorm\.(weight|bias)$", r".self_attention.linear_qkv.layer_norm_\1"),
+    (r"\.pre_mlp_layernorm\.(weight|bias)$", r".mlp.linear_fc1.layer_norm_\1"),
+    (r"\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$",
+     r".mlp.experts.\2.\3\1"),
+))
+
+
+def _renamed(key: str, renames: tuple) -> str:
+    for pattern, replacement in renames:
+        name, found = pattern.subn(replacement, key)
+        if found:
+            return name
+    return key
+
+
+def local_names(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A LLaVA's tensors under the local spec's names, whichever specs built it (the local
+    ones: unchanged). transformer-engine's `_extra_state` entries are left as they are."""
+    return {_renamed(key, _LOCAL_NAMES): tensor for key, tensor in state_dict.items()}
+
+
+def module_names(
+    state_dict: Mapping[str, torch.Tensor], module_keys: Collection[str]
+) -> StateDict:
+    """`state_dict` (the local spec's names, as `from_hf` gives them) under the names of the
+    model whose `state_dict()` keys are `module_keys`: built with the local specs, the
+    same; with transformer-engine's, the fused norms and grouped experts renamed (a MoE
+    layer keeps its own pre-MLP norm). Names the model has neither way are kept, for its
+    strict `load_state_dict` to report."""
+    out = {}
+    for key, tensor in state_dict.items():
+        te_key = _renamed(key, _TE_NAMES)
+        out[te_key if key not in module_keys and te_key in module_keys else key] = tensor
+    return out
+
+
 def _canonical(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """A LLaVA checkpoint's tensors under the hub layout's names."""
     out = {}
@@ -432,9 +483,11 @@ def from_hf_parts(
 def to_hf(
     state_dict: Mapping[str, torch.Tensor], config: Config, image_token_id: int
 ) -> tuple[StateDict, dict[str, Any]]:
-    """A megamod LLaVA (names of a TP=1 model; `_extra_state` entries are ignored) as a
-    `LlavaForConditionalGeneration`'s tensors (hub layout) and config.json dict. Raises
-    CheckpointError for tensors HF's LLaVA has no place for (e.g. p-MoD's routers)."""
+    """A megamod LLaVA (names of a TP=1 model, local or transformer-engine specs;
+    `_extra_state` entries are ignored) as a `LlavaForConditionalGeneration`'s tensors (hub
+    layout) and config.json dict. Raises CheckpointError for tensors HF's LLaVA has no
+    place for (e.g. p-MoD's routers)."""
+    state_dict = local_names(state_dict)
     mapping = _mapping(config)
     left = sorted(key for key in state_dict.keys() - mapping.keys() - {_CLASS_TOKEN[0]}
                   if not key.endswith("_extra_state"))

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from megamod.config import CheckpointConfig, Config, ParallelConfig
 from megamod.data.tokenizer import Tokenizer
 from megamod.errors import ConfigError
+from megamod.models import upstream_fixes
 from megamod.models.llava import LLaVA
 
 
@@ -61,12 +64,27 @@ def one_process_config(saved: Config, tokenizer_size: int) -> Config:
     return with_vocab_size(config, vocab_size(saved, tokenizer_size))
 
 
-def build_model(config: Config, tokenizer: Tokenizer) -> LLaVA:
+def model_device() -> torch.device:
+    """Where a model built now belongs: this rank's GPU when CUDA is present
+    (`megamod.parallel` made it the current device), else the CPU; the meta device while
+    torch's default device is meta (`megamod train --dry-run` builds there)."""
+    default = torch.get_default_device()
+    if default.type == "meta" or not torch.cuda.is_available():
+        return default
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_model(config: Config, tokenizer: Tokenizer, device: torch.device | None = None) -> LLaVA:
     """The model `config` describes for `tokenizer`, with `train.trainable`'s parts alone
-    trainable. Collective-free, but megatron-core's parallel state must exist."""
+    trainable, wholly on `device` (default: `model_device()`). Collective-free, but
+    megatron-core's parallel state must exist."""
+    upstream_fixes.apply()
     model = LLaVA(
         config, vocab_size=vocab_size(config, tokenizer.vocab_size),
         image_token_id=tokenizer.image_token_id,
     )
     model.freeze(config.train.trainable)
-    return model
+    # megatron-core builds its layers on the current GPU, but the ViT's patch conv, class
+    # token and position embeddings are plain torch modules, built on the CPU: every tool
+    # (not training alone) needs the whole model on one device.
+    return model.to(device or model_device())

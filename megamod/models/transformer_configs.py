@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,19 @@ class TransformerConfigs:
     language: TransformerConfig
 
 
-def _common(config: Config) -> dict:
+def bias_activation_fusion(
+    activation_func: Callable, gated_linear_unit: bool, on_gpu: bool
+) -> bool:
+    """Whether megatron-core's fused bias + activation kernel computes this MLP's
+    activation: only on a GPU (the kernels are CUDA fusions), and only for SwiGLU.
+    Its GELU kernels (fusions/fused_bias_gelu.py, fused_bias_geglu.py) are the tanh
+    approximation, unlike torch's `F.gelu` and Hugging Face's `gelu` (exact, erf): fused,
+    the projector would compute another function on a GPU than on a CPU or in HF."""
+    return on_gpu and gated_linear_unit and activation_func is F.silu
+
+
+def _common(config: Config, on_gpu: bool) -> dict:
     parallel = config.parallel
-    on_gpu = torch.cuda.is_available()
     return dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -39,7 +50,6 @@ def _common(config: Config) -> dict:
         # weights of TP=1 (and a CPU run is reproducible).
         use_cpu_initialization=not on_gpu,
         # Fused kernels exist only for CUDA.
-        bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=on_gpu,
@@ -133,9 +143,15 @@ def _recompute(config: Config) -> dict:
     )
 
 
-def transformer_configs(config: Config) -> TransformerConfigs:
+def transformer_configs(config: Config, on_gpu: bool | None = None) -> TransformerConfigs:
+    """megatron-core's configs of the three parts, for this machine (`on_gpu` None: whether
+    CUDA is present) or, given, for a GPU or a CPU one."""
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
     vision_cfg, language_cfg = config.model.vision, config.model.language
-    common = _common(config)
+    common = _common(config, on_gpu)
+    vision_activation = quick_gelu if vision_cfg.activation == "quick_gelu" else F.gelu
+    language_activation = F.silu if language_cfg.swiglu else F.gelu
     vision = TransformerConfig(
         num_layers=vision_cfg.num_built_layers,
         hidden_size=vision_cfg.hidden_size,
@@ -143,12 +159,13 @@ def transformer_configs(config: Config) -> TransformerConfigs:
         num_attention_heads=vision_cfg.num_attention_heads,
         normalization="LayerNorm",
         layernorm_epsilon=vision_cfg.layernorm_epsilon,
-        activation_func=quick_gelu if vision_cfg.activation == "quick_gelu" else F.gelu,
+        activation_func=vision_activation,
         gated_linear_unit=False,
+        bias_activation_fusion=bias_activation_fusion(vision_activation, False, on_gpu),
         add_bias_linear=True,
         add_qkv_bias=True,
         sequence_parallel=False,  # 577 patch tokens do not split evenly over TP
-        **{**common, "bias_activation_fusion": False},
+        **common,
     )
     projector = TransformerConfig(
         num_layers=1,
@@ -156,8 +173,9 @@ def transformer_configs(config: Config) -> TransformerConfigs:
         ffn_hidden_size=language_cfg.hidden_size,
         # Unused by an MLP; must only divide by TP for TransformerConfig's check.
         num_attention_heads=config.parallel.tensor_model_parallel_size,
-        activation_func=F.gelu,
+        activation_func=F.gelu,  # LLaVA's mlp2x_gelu: exact GELU
         gated_linear_unit=False,
+        bias_activation_fusion=bias_activation_fusion(F.gelu, False, on_gpu),
         add_bias_linear=True,
         sequence_parallel=False,
         **common,
@@ -170,8 +188,11 @@ def transformer_configs(config: Config) -> TransformerConfigs:
         num_query_groups=language_cfg.num_query_groups,
         normalization=language_cfg.normalization,
         layernorm_epsilon=language_cfg.layernorm_epsilon,
-        activation_func=F.silu if language_cfg.swiglu else F.gelu,
+        activation_func=language_activation,
         gated_linear_unit=language_cfg.swiglu,
+        bias_activation_fusion=bias_activation_fusion(
+            language_activation, language_cfg.swiglu, on_gpu
+        ),
         add_bias_linear=False,
         add_qkv_bias=False,
         sequence_parallel=config.parallel.sequence_parallel,

@@ -35,11 +35,7 @@ def wrap_model(config: Config, model: LLaVA) -> DistributedDataParallel:
     """Megatron-LM's `get_model` order: onto this rank's GPU, into bf16/fp16 (`Float16Module`
     casts the whole model, plain torch parts included, and the float inputs), then DDP.
     `megatron.core.utils.unwrap_model` gives the LLaVA back."""
-    module: torch.nn.Module = model
-    if torch.cuda.is_available():
-        # megatron-core layers are built on the GPU; the ViT's conv, class token and
-        # position embeddings are plain torch modules, built on the CPU.
-        module = module.cuda(torch.cuda.current_device())
+    module: torch.nn.Module = model  # wholly on its device already (`build_model`)
     if config.precision.params_dtype != "fp32":
         module = Float16Module(model.config, module)
     ddp_config = DistributedDataParallelConfig(

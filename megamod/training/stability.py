@@ -5,7 +5,8 @@ points of every step.
                   `inject_spike_at`: the last rank only, each iteration once per run).
   skip_nonfinite  after megatron-core's schedule has reduced the gradients: every rank
                   checks its loss and gradient buffers for NaN/Inf (one reduction per
-                  buffer) and the ranks exchange one pair of flags each. If any rank saw
+                  buffer) and one all-reduce (MIN) finds the first rank that saw a bad
+                  loss and the first that saw bad gradients. If any rank saw
                   one, every rank skips the update together, so parameters, optimizer
                   state and LR schedule stay as they were and identical across ranks; the
                   log names the iteration and the first rank that saw it.
@@ -249,12 +250,18 @@ class StabilityGuard:
         grads_finite = torch.ones((), dtype=torch.bool, device=local_loss.device)
         for buffer in [*model.buffers, *model.expert_parallel_buffers]:
             grads_finite &= torch.isfinite(buffer.grad_data.sum())
-        local = torch.stack([~torch.isfinite(local_loss).all(), ~grads_finite]).float()
-        flags = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(flags, local)
-        loss_bad = [rank for rank, f in enumerate(flags) if f[0].item()]
-        grads_bad = [rank for rank, f in enumerate(flags) if f[1].item()]
-        return (loss_bad[0] if loss_bad else None), (grads_bad[0] if grads_bad else None)
+        bad = torch.stack([~torch.isfinite(local_loss).all(), ~grads_finite])
+        # Each rank offers its own rank where it saw one, else the world size (past every
+        # rank): the minimum over ranks is the first that saw one. One small all-reduce and
+        # one read to the host, whatever the world size.
+        world_size = torch.distributed.get_world_size()
+        first = torch.where(bad, torch.distributed.get_rank(), world_size)
+        torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        loss_rank, grad_rank = first.tolist()
+        return (
+            loss_rank if loss_rank < world_size else None,
+            grad_rank if grad_rank < world_size else None,
+        )
 
     @staticmethod
     def _agreed(values: dict[str, Any]) -> dict[str, float]:

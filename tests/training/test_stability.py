@@ -125,6 +125,56 @@ def test_fp16_overflow_is_expected_until_the_loss_scale_cannot_come_down():
         state.loader.close()
 
 
+def _nonfinite_worker(rank: int, port: int, results: dict) -> None:
+    """One of 2 gloo ranks: rank 0 sees an inf gradient, rank 1 a NaN loss and NaN
+    gradients. Records what `_first_bad_ranks` answers, its collectives and its reads of
+    device values to the host (each a device sync on a GPU)."""
+    from types import SimpleNamespace
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=2)
+    try:
+        grads = torch.ones(8)
+        grads[3] = float("inf") if rank == 0 else float("nan")
+        model = SimpleNamespace(buffers=[SimpleNamespace(grad_data=torch.ones(4))],
+                                expert_parallel_buffers=[SimpleNamespace(grad_data=grads)])
+        totals = torch.tensor([float("nan") if rank == 1 else 5.0, 10.0])
+        calls = []
+
+        def counted(owner, name):
+            original = getattr(owner, name)
+
+            def call(*args, **kwargs):
+                calls.append(name)
+                return original(*args, **kwargs)
+
+            setattr(owner, name, call)
+
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"):
+            counted(torch.distributed, name)
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+            counted(torch.Tensor, name)
+        answer = StabilityGuard._first_bad_ranks(totals, model)
+        results[rank] = (answer, calls)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_first_bad_ranks_take_one_collective_and_one_host_read():
+    """Every rank learns the lowest rank that saw a non-finite loss (1) and gradient (0)
+    from one collective and one read of its result to the host, at any world size (one
+    `.item()` per rank and flag before: a GPU sync each)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_nonfinite_worker, args=(free_port(), results), nprocs=2)
+    for rank in range(2):
+        answer, calls = results[rank]
+        assert answer == (1, 0), rank
+        collectives = [c for c in calls if c.startswith(("all_", "broadcast"))]
+        assert len(collectives) == 1 and len(calls) - len(collectives) == 1, calls
+
+
 # ------------------------------------------------------------------------------ spikes
 
 
