@@ -436,3 +436,15 @@ def test_a_packed_sample_whose_image_fails_leaves_its_row(corrupt, tok):
         # The failed sample's positions are padding: no loss, segment -1.
         assert not (mb["loss_mask"] & mb["padding_mask"]).any()
         assert torch.equal(mb["padding_mask"], mb["segment_ids"] < 0)
+
+
+def test_group_by_length_sorts_each_steps_samples_and_pads_less(llava, tok):
+    plain_cfg, grouped_cfg = config(llava, prefetch_steps=0), config(llava, prefetch_steps=0, group_by_length=True)
+    with build_train_loader(plain_cfg, tok, 0, 1) as plain, build_train_loader(grouped_cfg, tok, 0, 1) as grouped:
+        for _ in range(2):
+            a, b = plain.next_step(), grouped.next_step()
+            assert sorted(rows(a)) == sorted(rows(b))  # the same samples, reordered
+            lengths = [len(row) for row in rows(b)]
+            assert lengths == sorted(lengths, reverse=True)
+            assert sum(mb["tokens"].numel() for mb in b) <= sum(mb["tokens"].numel() for mb in a)
+        assert plain.state_dict() == grouped.state_dict()
