@@ -20,7 +20,10 @@ setup(
         "braceexpand",  # data.train_shards brace patterns
         "tokenizers",
         "transformers",
-        "sentencepiece",  # Llama/Vicuna tokenizer.model folders (no tokenizer.json), as lmsys ships them
+        # Llama/Vicuna tokenizer.model folders (no tokenizer.json), as lmsys ships them. Below
+        # 0.2.3, whose generated protobuf code refuses protobuf < 7, which lmms-eval's wandb
+        # pin (protobuf < 7) installs: transformers then fails over to tiktoken and dies.
+        "sentencepiece<0.2.3",
         "protobuf",  # transformers reads tokenizer.model through it when converting to a fast tokenizer
         "safetensors",  # megamod convert reads and writes Hugging Face checkpoints
         "scikit-image",  # the bundled tiny data set's real images
@@ -31,6 +34,12 @@ setup(
         # webdataset: tests check that its reader takes our shards.
         "test": ["pytest", "nvidia-dali-cuda120", "webdataset"],
         "gpu": ["nvidia-dali-cuda120", "transformer-engine[pytorch]"],
+        # `lmms-eval --model megamod` (megamod/eval/lmms_model.py); lmms-eval 0.7.3 imports
+        # filelock._api, which filelock 4.3 removed.
+        "lmms": ["lmms-eval>=0.7,<0.8", "filelock<4.3"],
     },
-    entry_points={"console_scripts": ["megamod=megamod.__main__:main"]},
+    entry_points={
+        "console_scripts": ["megamod=megamod.__main__:main"],
+        "lmms_eval.models": ["megamod=megamod.eval.lmms_model:manifest"],
+    },
 )

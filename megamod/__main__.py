@@ -1,9 +1,9 @@
 """`python -m megamod <command>` and the `megamod` console script.
 
-Commands: `train CONFIG.yaml [key.sub=value ...]`, `build-shards ...`, `upcycle ...`,
-`inspect ...`, `convert ...`, `generate ...`, `eval ...`.
+Commands: `train CONFIG.yaml [key.sub=value ...]`, `run [torchrun options] train ...`,
+`build-shards ...`, `upcycle ...`, `inspect ...`, `convert ...`, `generate ...`, `eval ...`.
 Exit codes: 0 success, 2 bad config or input (the message names the key or file),
-75 (train) stopped early by a signal with a checkpoint saved: run it again to continue,
+75 (train, run) stopped early by a signal with a checkpoint saved: run it again to continue,
 1 anything else (a bug: the traceback is printed).
 """
 
@@ -17,9 +17,12 @@ from megamod.errors import MegamodError
 USAGE = """usage: megamod <command> [args]
 
 commands:
-  train CONFIG.yaml [key.sub=value ...]   train (under torchrun or srun for several processes)
+  train CONFIG.yaml [key.sub=value ...]   train: one process, or each of `run`'s or srun's
         [--dry-run [--world-size N] [--gpu-memory GIB] [--json]]
                                           check a run and estimate its memory per GPU
+  run [torchrun options] train CONFIG.yaml [key.sub=value ...]
+                                          train on several processes, as torchrun; stop
+                                          signals reach the workers (see --help)
   build-shards --format {llava,mimicit} ...  build WebDataset shards (see --help)
   upcycle --input CKPT --output CKPT --num-experts N --layer-freq K
                                           turn a dense checkpoint into a MoE one (see --help)
@@ -28,9 +31,10 @@ commands:
                                           convert checkpoints (see --help)
   generate --checkpoint CKPT_DIR --image FILE --prompt TEXT [--max-new-tokens N]
            [--temperature T]              answer a prompt about an image (see --help)
-  eval --checkpoint CKPT_DIR --task TASK --questions FILE --images DIR [--annotations FILE]
+  eval --checkpoint CKPT_DIR --task TASK --questions FILE [--images DIR] [--annotations FILE]
        [--output answers.jsonl] [--max-new-tokens N] [--batch-size B] [--json]
-                                          answer and score a benchmark (see --help)
+                                          answer and score a benchmark, under torchrun for
+                                          several processes (see --help)
 """
 
 
@@ -38,6 +42,7 @@ commands:
 # megatron-core's import.
 COMMANDS = {
     "train": "train",
+    "run": "run",
     "build-shards": "build_shards",
     "upcycle": "upcycle",
     "inspect": "inspect",

@@ -655,6 +655,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (Megatron-LM's `--eval-interval` / `--eval-iters`)."""
+
+    # Every `interval` steps (and after the last one): the loss on held-out shards,
+    # `eval/loss` in TensorBoard, `eval/loss/<i>` per source when there are several, and
+    # the routing at evaluation (`eval/moe/...`, `eval/mod/...`). null: never.
+    interval: Optional[int] = None
+    # Held-out shards, one source each (as data.train_shards: a directory, glob, brace
+    # pattern or "tiny"); required with an interval.
+    shards: list[str] = field(default_factory=list)
+    # Steps of train.global_batch_size samples (rows, packed) read per source at each
+    # evaluation: the same ones every time, so the figures compare across evaluations.
+    iters: int = 1
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "eval", ("iters",))
+        if self.interval is not None and self.interval < 1:
+            raise ConfigError(f"eval.interval={self.interval} must be >= 1 (or null: no evaluation)")
+        if self.interval is not None and not self.shards:
+            raise ConfigError("eval.interval is set but eval.shards is empty: give held-out shards")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -666,6 +689,7 @@ class Config:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         language, tp = self.model.language, self.parallel.tensor_model_parallel_size

@@ -10,14 +10,11 @@ assumptions.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import os
 import random
 import re
-import signal
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,6 +24,7 @@ import torch
 from megamod.config import Config, ParallelConfig
 from megamod.errors import ConfigError, MegamodError
 from megamod.precision import check_fp8_supported
+from megamod.process_hygiene import die_with_parent, helpers_die_with_us
 
 
 @dataclass(frozen=True)
@@ -78,22 +76,13 @@ def dist_env_from(environ: os._Environ | dict) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", port)
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def die_with_launcher(launcher_pid: int) -> None:
     """Under torchrun, have the kernel kill this worker when torchrun dies: after a
     `kill -9` of torchrun its workers would otherwise train on and keep saving into the
     save_dir. `launcher_pid`: this process's parent as read at start-up (`os.getppid()`).
     Under srun, slurmstepd already kills the tasks of a killed step."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    # The launcher may have died before the prctl: then nothing would ever signal us.
-    if os.getppid() != launcher_pid:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(launcher_pid)
 
 
 def free_port() -> int:
@@ -154,6 +143,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
         initialize_rerun_state_machine,
     )
 
+    helpers_die_with_us()  # megatron-core's checkpoint writer's processes die with this rank
     env = dist_env_from(os.environ)
     parallel_layout(parallel, env.world_size)
     if torch.cuda.is_available():
@@ -165,12 +155,17 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
         cpu_compat.apply()
         backend = "gloo"
     if not torch.distributed.is_initialized():
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+            # One process, no launcher: an in-memory store, no port to race other jobs for.
+            rendezvous = {"store": torch.distributed.HashStore()}
+        else:
+            rendezvous = {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
         torch.distributed.init_process_group(
             backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
+            **rendezvous,
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,

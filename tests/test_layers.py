@@ -27,7 +27,7 @@ LAYERS = [
     ["precision", "data", "mod", "moe"],
     ["micro_batch"],
     ["config"],
-    ["errors", "cpu_compat"],
+    ["errors", "cpu_compat", "process_hygiene"],
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -41,6 +41,7 @@ the run.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -499,6 +500,16 @@ class TrainLoader:
             f"{self.sources[worst].spec} (e.g. {example}): fix or rebuild that source with megamod build-shards, "
             "or raise data.max_skip_fraction"
         )
+
+
+def build_eval_loaders(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> list[TrainLoader]:
+    """One loader per `eval.shards` source, over its own order (`data.seed`), reading only
+    when asked (no prefetch: evaluation is occasional)."""
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, prefetch_steps=0))
+    return [
+        TrainLoader([open_source(spec, f"eval.shards[{i}]")], [1.0], config, tokenizer, dp_rank, dp_size)
+        for i, spec in enumerate(config.eval.shards)
+    ]
 
 
 def build_train_loader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> TrainLoader:

@@ -1,6 +1,7 @@
 """Benchmark evaluation: tasks (prompt suffixes, ground truth), question/annotation/answer
-files in LLaVA's formats, and the benchmarks' official scoring as pure functions.
+files in LLaVA's formats (MMBench's TSV in `mmbench`), and the benchmarks' official
+scoring as pure functions; `answer` generates the answers, in one process or split over
+data-parallel ranks; `lmms_model` is the lmms-eval model (imported by lmms-eval only).
 
-`megamod eval` (`megamod.cli.eval`) generates the answers and calls these; nothing here
-loads a model.
+`megamod eval` (`megamod.cli.eval`) ties them together.
 """

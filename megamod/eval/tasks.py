@@ -10,6 +10,9 @@ not already end with it: LLaVA's files and the benchmarks' raw questions get the
 prompt. (Written from LLaVA's repository as published; its scripts and question files
 are not in the llava-torch package.)
 
+MMBench (`mmbench`, `mmbench_cn`) reads its own TSV, with the images and answers in it:
+`megamod.eval.mmbench`.
+
 Ground truth is a field of the question's record: its line in the question file, updated
 by its annotation record (`megamod.eval.io`), found by question_id, except where the
 official code matches otherwise:
@@ -28,12 +31,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from megamod.errors import DataError
-from megamod.eval import scorers
+from megamod.eval import mmbench, scorers
 from megamod.eval.io import Annotations, Question
 from megamod.eval.normalize import normalize_answer
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
+OPTION_LETTER_CN = "\n请直接回答选项字母。"  # model_vqa_mmbench.py:95-97 (--lang cn)
 
 
 def _label(value: Any) -> bool:
@@ -67,6 +71,10 @@ def _score_gqa(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[
     return scorers.gqa(texts, [t["answer"] for t in truth])
 
 
+def _score_mmbench(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
+    return mmbench.score({q.line: t for q, t in zip(questions, texts)}, questions)
+
+
 def _score_mme(texts: Sequence[str], truth: Sequence[dict], questions: Sequence[Question]) -> dict:
     return scorers.mme(texts, [t["answer"] for t in truth],
                        [q.category or "all" for q in questions], [q.image for q in questions])
@@ -80,6 +88,7 @@ class Task:
     score: Callable[[Sequence[str], Sequence[dict], Sequence[Question]], dict]
     submission: bool = False  # scored by a server when no annotations are given
     match: str = "question_id"  # or "textvqa", "pope": see the module's docstring
+    mmbench_tsv: bool = False  # questions, images and answers in MMBench's TSV (megamod.eval.mmbench)
 
     def prompt(self, text: str) -> str:
         return text if text.endswith(self.suffix) else text + self.suffix
@@ -128,6 +137,9 @@ TASKS = {
         Task("gqa", SHORT_ANSWER, {"answer": (lambda v: isinstance(v, str), "a string")}, _score_gqa),
         Task("mme", SHORT_ANSWER, {"answer": (lambda v: isinstance(v, str) and v.lower() in ("yes", "no"),
                                               '"Yes" or "No"')}, _score_mme),
+        # ground truth and the submission: megamod.eval.mmbench
+        Task("mmbench", OPTION_LETTER, {}, _score_mmbench, mmbench_tsv=True),
+        Task("mmbench_cn", OPTION_LETTER_CN, {}, _score_mmbench, mmbench_tsv=True),
     )
 }
 

@@ -97,9 +97,11 @@ def top2gating(
 ) -> Top2Routing:
     """DeepSpeed 0.9.5's `top2gating` on this rank's logits [s, b, E] (the sequence slice
     of `sequence_parallel_group`'s rank, or all of it when None). `capacity_factor` None
-    drops nothing. `padding` [s, b] (True: not a token) is routed nowhere, takes no slot,
-    is not counted in the capacity, and its gates and first choices are zeroed (so the aux
-    loss is the real tokens'), like DeepSpeed's `used_token` in its `top1gating`."""
+    drops nothing. `padding` [s, b] (True: not a token) takes no slot and is not counted
+    in the capacity (with a capacity factor it is routed nowhere; without, it keeps its
+    experts at weight 0, as `TopKRouterWithStats` explains), and its gates and first
+    choices are zeroed (so the aux loss is the real tokens'), like DeepSpeed's
+    `used_token` in its `top1gating`."""
     s_local, batch, num_experts = logits.shape
     ranks = 1 if sequence_parallel_group is None else sequence_parallel_group.size()
     rank = 0 if sequence_parallel_group is None else sequence_parallel_group.rank()
@@ -143,9 +145,9 @@ def _within_capacity(
     """Which of this rank's first and second choices ([s, b] each) keep their expert:
     DeepSpeed's slot counting over the whole micro-batch in its (sample-major) order.
     `padding` [s, b] keeps nothing and takes no slot; the capacity counts real tokens."""
+    if capacity_factor is None:  # padding too keeps its experts (its gates are zeroed)
+        return torch.ones_like(first, dtype=torch.bool), torch.ones_like(second, dtype=torch.bool)
     real = torch.ones_like(first, dtype=torch.bool) if padding is None else ~padding
-    if capacity_factor is None:
-        return real, real
     choices = torch.stack([first, second, real.long()], dim=-1)  # [s, b, 3]
     if group is not None:
         choices = gather_from_sequence_parallel_region(choices, group=group)  # [S, b, 3]

@@ -88,17 +88,21 @@ class TopKRouterWithStats(TopKRouter):
         self, logits: torch.Tensor, padding_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Upstream's routing with its padding mask (the aux and z losses leave padding
-        out), padding then routed nowhere, and the capacity dropping applied after that, to
-        the real tokens, with the capacity of the real tokens: upstream's routing drops
-        before it knows the padding, which would take slots and count in the capacity.
-        One host sync (the real-token count) where a capacity factor is set."""
+        out) and padding's weights zeroed. Without a capacity factor padding still passes
+        through its experts (weight 0, counted nowhere): every TP rank then hands the
+        experts as many tokens, which megatron-core's expert-TP all-gather needs on gloo.
+        With one, padding is routed nowhere and the capacity dropping is applied after
+        that, to the real tokens, with the capacity of the real tokens: upstream's routing
+        drops before it knows the padding, which would take slots and count in the
+        capacity. One host sync (the real-token count) where a capacity factor is set."""
         with self._capacity_factor_in_config(None):
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         real = ~padding_mask.reshape(-1, 1)
-        probs, routing_map = probs * real, routing_map & real
+        probs = probs * real
         factor = self.capacity_factor()
         if factor is None:
             return probs, routing_map
+        routing_map = routing_map & real
         num_tokens = routing_map.shape[0]
         capacity = get_capacity(int(real.sum()) * self.topk, self.num_experts, factor)
         # apply_router_token_dropping computes ceil(num_tokens x topk / E x factor): a factor

@@ -14,8 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -32,11 +31,13 @@ from megamod.models.llava import LLaVA
 from megamod.parallel import check_device_support, collective_device, dist_env_from
 from megamod.training import checkpoint
 from megamod.training.flops import StepFlops
+from megamod.training.forward import forward_step, to_device
 from megamod.training.logging import MetricsLogger
 from megamod.training.optimizer import apply_update, build_optimizer, build_scheduler, wrap_model
 from megamod.training.loss_scaler import loss_scaler
 from megamod.training.preemption import PreemptionWatcher
 from megamod.training.stability import StabilityGuard
+from megamod.training.validation import Validator
 
 logger = logging.getLogger("megamod")
 
@@ -51,6 +52,7 @@ class TrainState:
     scheduler: Any
     loader: TrainLoader
     guard: StabilityGuard
+    validator: Optional[Validator] = None  # with eval.interval
     iteration: int = 0
     # The save_dir whose latest checkpoint this run saved or resumed from: where a
     # rollback goes (None: nowhere yet).
@@ -59,7 +61,7 @@ class TrainState:
 
 def build_loader(config: Config, tokenizer: Tokenizer) -> TrainLoader:
     data = config.data
-    if "tiny" in ([m.shards for m in data.mixture] or [data.train_shards]):
+    if "tiny" in ([m.shards for m in data.mixture] or [data.train_shards]) + config.eval.shards:
         # One build per node (a lock covers a shared home directory); every rank waits for it.
         if dist_env_from(os.environ).local_rank == 0:
             prepare_tiny_shards()
@@ -163,7 +165,8 @@ def setup(config: Config) -> TrainState:
     scheduler = build_scheduler(config, optimizer)
     loader = build_loader(config, tokenizer)
     guard = StabilityGuard(config.stability, loss_scaler(config, optimizer))
-    state = TrainState(config, ddp_model, optimizer, scheduler, loader, guard)
+    validator = Validator(config, tokenizer) if config.eval.interval is not None else None
+    state = TrainState(config, ddp_model, optimizer, scheduler, loader, guard, validator=validator)
     if load_dir is not None and finetune:
         checkpoint.load_model_weights(load_dir, model)
         # The optimizer's fp32 main copies (bf16/fp16) were taken from the initialisation:
@@ -186,29 +189,6 @@ def setup(config: Config) -> TrainState:
     return state
 
 
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple:
-    """Sum of the token losses and their count; the schedule divides by the global count."""
-    mask = loss_mask.float()
-    loss_sum = (per_token_loss.float() * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
-
-
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple:
-    batch = next(data_iterator)
-    output = model(
-        batch["tokens"], batch["images"], batch["labels"], batch["loss_mask"],
-        padding_mask=batch.get("padding_mask"), position_ids=batch.get("position_ids"),
-        segment_ids=batch.get("segment_ids"),
-    )
-    return output, partial(loss_func, batch["loss_mask"])
-
-
-def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = collective_device()
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:
     """Gradients of one step into the DDP grad buffers (already divided by the global
     loss-token count). Returns [loss sum, loss tokens] over micro-batches and DP ranks."""
@@ -217,7 +197,7 @@ def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tens
     state.optimizer.zero_grad()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter([_to_device(b) for b in micro_batches]),
+        data_iterator=iter([to_device(b) for b in micro_batches]),
         model=[model],
         num_microbatches=len(micro_batches),
         seq_length=config.model.language.seq_length,
@@ -387,7 +367,10 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
             scalars.update(moe_scalars)
         if llava.mod_stats is not None and metrics.is_log_step(state.iteration, last):
             scalars.update(mod_metrics(llava))
-        metrics.log(state.iteration, scalars, force=last, images=images)
+        evaluated = state.validator is not None and state.validator.due(state.iteration, last)
+        if evaluated:
+            scalars.update(state.validator.evaluate(state.model))
+        metrics.log(state.iteration, scalars, force=last or evaluated, images=images)
         if state.guard.rollback_due():
             rollback(state, metrics)
             continue
@@ -407,4 +390,6 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
             break
     metrics.close()
     state.loader.close()
+    if state.validator is not None:
+        state.validator.close()
     return TrainResult(losses, stopped_early)

@@ -2,14 +2,15 @@
 
 Slurm sends SIGUSR1 to every task `--signal=USR1@T` seconds before the time limit (and at
 preemption where the cluster sets `PreemptParameters=send_user_signal`); SIGTERM arrives
-on preemption with a grace time, on `scancel`, or from torchrun when it is stopped; Ctrl-C
-(SIGINT) in a terminal is taken the same way once (twice aborts). The
-handler only sets a flag. After each step the loop asks `should_stop()`, a one-element
-all-reduce (MAX) of the flag over all ranks: the signal reaches ranks at different
-moments, and this way every rank stops after the same step. The loop then saves a
-checkpoint and the process exits with `EXIT_RESUMABLE`; `slurm/train.sbatch` turns that
-exit code into `scontrol requeue`, and the requeued job resumes from the checkpoint
-(`checkpoint.auto_resume`).
+on preemption with a grace time or on `scancel`; Ctrl-C (SIGINT) in a terminal is taken
+the same way once (twice aborts). `megamod run` (`megamod.cli.run`) relays the three to
+every worker and exits with the workers' code (plain torchrun dies of SIGUSR1, kills its
+workers 30 s after a SIGTERM, and exits 1). The handler only sets a flag. After each
+step the loop asks `should_stop()`, a one-element all-reduce (MAX) of the flag over all
+ranks: the signal reaches ranks at different moments, and this way every rank stops after
+the same step. The loop then saves a checkpoint and the process exits with
+`EXIT_RESUMABLE`; `slurm/train.sbatch` turns that exit code into `scontrol requeue`, and
+the requeued job resumes from the checkpoint (`checkpoint.auto_resume`).
 """
 
 from __future__ import annotations

@@ -46,6 +46,26 @@ def wait_for(condition, what: str, timeout: float = 180) -> None:
         time.sleep(0.02)
 
 
+def survivors(processes: list[psutil.Process], timeout: float = 30) -> list[str]:
+    """The command lines of those of `processes` still running after up to `timeout`
+    seconds; they are then killed. A zombie counts as ended: only its reaping is left, to
+    PID 1, whatever that is here."""
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + timeout
+    while any(map(running, processes)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [p for p in processes if running(p)]
+    commands = [" ".join(p.cmdline()) for p in left]
+    for p in left:
+        p.kill()
+    return commands
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("preempted")
@@ -61,6 +81,8 @@ def runs(tmp_path_factory) -> dict:
     wait_for(lambda: '"iteration": 3' in log.read_text() or launcher.poll() is not None,
              "step 3 of launch A")
     (worker,) = [p for p in psutil.Process(launcher.pid).children() if "megamod" in p.cmdline()]
+    # The worker's own helpers too: the checkpoint writer's Manager and resource tracker.
+    descendants = psutil.Process(launcher.pid).children(recursive=True)
     launcher.kill()
     launcher.wait()
     try:
@@ -69,18 +91,24 @@ def runs(tmp_path_factory) -> dict:
     except psutil.TimeoutExpired:
         worker.kill()
         worker_died = False
+    orphans = survivors(descendants)
 
     latest = int((root / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
 
     # B: the same command again.
     resumed = train_cli(root)
-    return {"root": root, "a": log.read_text(), "worker_died": worker_died, "latest": latest,
-            "b": resumed}
+    return {"root": root, "a": log.read_text(), "worker_died": worker_died, "orphans": orphans,
+            "descendants": len(descendants), "latest": latest, "b": resumed}
 
 
 def test_workers_die_with_a_killed_torchrun(runs):
     assert "saved checkpoint" in runs["a"] and '"iteration": 6' not in runs["a"]
     assert runs["worker_died"], "the worker trained on after its torchrun was killed"
+
+
+def test_no_process_outlives_a_killed_torchrun(runs):
+    assert runs["descendants"] > 1, "the worker had started no helper: nothing to check"
+    assert not runs["orphans"], f"alive after kill -9 of torchrun: {runs['orphans']}"
 
 
 def test_same_command_resumes_from_the_save_dir(runs):
