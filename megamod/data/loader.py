@@ -153,6 +153,10 @@ class _BadSample(Exception):
     """Why a sample cannot be used."""
 
 
+class _NoAnswerLeft(_BadSample):
+    """Truncation at model.language.seq_length left the sample no trained token."""
+
+
 @dataclass
 class _Prepared:
     """A usable sample for one stream position: the source's draw k + `attempt`."""
@@ -250,6 +254,7 @@ class TrainLoader:
         # for the next step (filled and read by whichever thread builds steps).
         self._lookahead: dict[int, tuple[_Prepared, _Counts]] = {}
         self._bad: dict[tuple[int, int], str] = {}  # (source, index) -> reason, logged once
+        self._bad_kind: dict[tuple[int, int], type[_BadSample]] = {}
         self._skips_by_source: Counter[int] = Counter()
         self._producer: tuple[threading.Thread, threading.Event, queue.Queue] | None = None
 
@@ -413,20 +418,29 @@ class TrainLoader:
     def _prepare(self, source: int, k: int, first: int, counts: _Counts, raw: RawSample | None = None) -> _Prepared:
         """The first usable sample among the source's draws k + first, k + first + 1, ...
         (`raw`: draw k + first, already read)."""
+        last: _BadSample | None = None
         for attempt in range(first, first + MAX_REPLACEMENTS):
             index = self.order.sample(source, k + attempt)
             if raw is None:
                 raw = self._read(source, index)
             counts.seen += 1
             try:
-                if raw is None:
-                    raise _BadSample(self._bad[source, index])
+                if raw is None:  # known bad: not read again, the same reason
+                    raise self._bad_kind.get((source, index), _BadSample)(self._bad[source, index])
                 encoded, images = self._encode(raw)
                 counts.truncated += encoded.truncated
                 return _Prepared(source, k, attempt, index, raw.where, encoded, images)
             except _BadSample as e:
                 self._skip(source, index, raw, str(e), counts)
+                self._bad_kind.setdefault((source, index), type(e))
+                last = e
             raw = None
+        if isinstance(last, _NoAnswerLeft):  # the length is wrong, not the data
+            raise DataError(
+                f"data: {MAX_REPLACEMENTS} samples in a row of {self.sources[source].spec} keep no "
+                f"answer token within model.language.seq_length={self.seq_length} (an image alone "
+                f"takes {self.num_image_tokens} tokens): raise model.language.seq_length"
+            )
         raise DataError(
             f"data: {MAX_REPLACEMENTS} unusable samples in a row in {self.sources[source].spec} "
             f"(e.g. {self._bad[source, index]}): the data set is broken; rebuild it with megamod build-shards"
@@ -445,7 +459,7 @@ class TrainLoader:
         except DataError as e:
             raise _BadSample(str(e)) from None
         if not (encoded.labels != IGNORE_INDEX).any():
-            raise _BadSample(f"no answer token left within model.language.seq_length={self.seq_length}")
+            raise _NoAnswerLeft(f"no answer token left within model.language.seq_length={self.seq_length}")
         if encoded.num_images > len(names):
             raise _BadSample(f"more <image> markers than its {len(names)} images")
         missing = [n for n in names[: encoded.num_images] if n not in raw.members]

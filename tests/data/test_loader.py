@@ -259,6 +259,14 @@ def test_a_broken_data_set_raises(tmp_path, tok):
             loader.next_step()
 
 
+def test_a_sequence_too_short_for_any_answer_names_the_length_not_the_data(llava, tok):
+    cfg = config(llava, prefetch_steps=0)
+    cfg.model.language.seq_length = 8  # shorter than one image's tokens plus an answer
+    with build_train_loader(cfg, tok, 0, 1) as loader:
+        with pytest.raises(DataError, match=r"model.language.seq_length=8 .*: raise model.language.seq_length"):
+            loader.next_step()
+
+
 def test_shard_specs_resolve(llava, tmp_path):
     def count(spec):
         return len(open_source(str(spec), "data.train_shards"))
