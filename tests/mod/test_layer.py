@@ -134,3 +134,30 @@ def test_kept_tokens_run_the_layer_on_their_subsequence(world, batch):
         torch.testing.assert_close(y[skipped, j], w[skipped, j].unsqueeze(-1) * x[skipped, j])
         checked_skipped += len(skipped)
     assert checked_skipped > 0
+
+
+def test_router_scores_in_fp32_without_keeping_an_fp32_copy_of_its_input():
+    """The same logits and gradients as upcasting the input and using F.linear, while what
+    autograd keeps for backward is the input in its own dtype, not a [s, b, h] fp32 copy."""
+    from megamod.mod.router import TokenRouter
+
+    generator = torch.Generator().manual_seed(0)
+    router = TokenRouter(64, sequence_parallel=False)
+    for param in router.parameters():
+        param.data.normal_(0, 0.5, generator=generator)
+    x = torch.randn(12, 3, 64, generator=generator).to(torch.bfloat16).requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        logits = router(x)
+    assert logits.dtype == torch.float32
+    assert not [t for t in kept if t.dtype == torch.float32 and t.numel() >= x.numel()]
+    upstream = torch.nn.Linear(64, 1)
+    upstream.load_state_dict(router.linear.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    ref = upstream(x_ref.float()).squeeze(-1)
+    torch.testing.assert_close(logits, ref, atol=0, rtol=0)
+    grad = torch.randn(12, 3, generator=generator)
+    logits.backward(grad), ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=0)
+    for ours, theirs in zip(router.linear.parameters(), upstream.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-5)
