@@ -33,8 +33,19 @@ from types import SimpleNamespace
 
 import torch
 import transformers
+import transformers.utils.import_utils
 
-from llava import conversation as conversation_lib
+# The venv holds packages (lmms-eval's datasets, peft, accelerate, ...) newer than the
+# official code's pinned transformers and huggingface_hub can import, and transformers'
+# Trainer, which llava.train imports, imports whichever it finds. The preprocessing compared
+# here needs none of them: transformers sees only what tokenizing needs.
+_NEEDED = {"_torch_available", "_tokenizers_available", "_sentencepiece_available",
+           "_protobuf_available", "_safetensors_available"}
+for _name, _value in vars(transformers.utils.import_utils).copy().items():
+    if _name.endswith("_available") and isinstance(_value, bool) and _name not in _NEEDED:
+        setattr(transformers.utils.import_utils, _name, False)
+
+from llava import conversation as conversation_lib  # noqa: E402
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.mm_utils import tokenizer_image_token
 from llava.model.llava_arch import LlavaMetaForCausalLM
