@@ -5,6 +5,12 @@ shape's peer, on the same micro-batches, built in one process and timed interlea
     python benchmarks/run.py --quick [--steps 5] [--warmup 1] [--variants dense,mod,hf] [--json]
     python benchmarks/run.py --quick --set model.language.seq_length=1280   # a shape's variation
     python benchmarks/run.py --dry-run      # the default ~1B GPU shape on paper: shapes, FLOPs
+    python benchmarks/run.py --quick --data-mix llava665k [--samples 48] [--json]   # or stage1
+
+`--data-mix` is issue 17's benchmark instead of the step one: useful (non-padding) tokens/s
+of the dense and MoD models on sample lengths modelled on a LLaVA data mix, padded to
+seq_length, dynamically padded and packed, and of the HF peer as the official code runs
+(`benchmarks/packing.py` says what it models; `data_mix_benchmark` builds the models).
 
 Each megamod variant is a config (examples/configs/tiny.yaml + the shape's overrides + the
 variant's), built by `megamod.training.loop.setup` in a world of one (megatron-core's
@@ -59,6 +65,7 @@ import torch.nn.functional as F
 from megamod.config import Config, load_config
 from megamod.training.flops import Sample, StepFlops, kv_cache_bytes, sample_flops
 
+import packing  # benchmarks/packing.py
 from inference import generation_ratios, measure_generation  # benchmarks/inference.py
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny.yaml"
@@ -94,6 +101,7 @@ SHAPES = {
 MOE = keys("moe", num_experts=4, router_topk=2, layer_freq=2)
 MOD = keys("mod", enabled="true", schedule="prd")
 VARIANTS = {"dense": [], "moe": MOE, "mod": MOD, "mod_moe": MOD + MOE, "hf": []}
+DATA_MIX_VARIANTS = ("dense", "mod", "hf")
 # Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
@@ -145,6 +153,14 @@ def loader_rate(overrides: list[str], steps: int) -> dict[str, float | int | str
     return {"decoder": decoder, "workers": workers, "images": images, "images_per_s": images / seconds}
 
 
+def train_state(config: Config) -> Any:
+    """megamod's `TrainState` for `config`, built in this world of one (its loader open)."""
+    from megamod.training.loop import setup
+
+    init_world(config)
+    return setup(config)
+
+
 def build_megamod(
     variant: Variant, micro_batches: list[dict] | None = None
 ) -> tuple[list[dict], int, int]:
@@ -152,10 +168,9 @@ def build_megamod(
     returns them, the vocab size and the image token id."""
     from megatron.core.utils import unwrap_model
 
-    from megamod.training.loop import setup, train_step
+    from megamod.training.loop import train_step
 
-    init_world(variant.config)
-    state = setup(variant.config)
+    state = train_state(variant.config)
     micro_batches = micro_batches or state.loader.next_step()
     state.loader.close()
     llava = unwrap_model(state.model)
@@ -176,10 +191,16 @@ def generators(variants: list[Variant]) -> dict[str, Any]:
     return {v.name: Generator(v.model, tokenizer, v.config) for v in chosen}
 
 
-def build_hf(variant: Variant, micro_batches: list[dict], image_id: int, dense: Any) -> None:
+def build_hf(
+    variant: Variant, micro_batches: list[dict], image_id: int, dense: Any,
+    attention: str | None = None, attention_mask: bool = False,
+) -> Callable[[list[dict]], None]:
     """The dense model as `LlavaForConditionalGeneration`, its weights copied by the HF
     adapter of `megamod convert` (`to_hf`), the same parts frozen, AdamW with the config's
-    hyperparameters and clipping; sets `variant.step` and `variant.model`."""
+    hyperparameters and clipping; sets `variant.step` (a step on `micro_batches`) and
+    `variant.model`, and returns the step on any micro-batches. `attention`: HF's
+    attn_implementation (default eager on CPU, SDPA on GPU); `attention_mask`: pass each
+    micro-batch's padding to HF as its attention_mask (rows padded on the right)."""
     from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
@@ -195,7 +216,8 @@ def build_hf(variant: Variant, micro_batches: list[dict], image_id: int, dense: 
                   metadata={"format": "pt"})
         Path(folder, "config.json").write_text(json.dumps(hf_config))
         model = LlavaForConditionalGeneration.from_pretrained(
-            folder, attn_implementation="sdpa" if device == "cuda" else "eager", dtype=dtype
+            folder, attn_implementation=attention or ("sdpa" if device == "cuda" else "eager"),
+            dtype=dtype
         ).to(device).train()
     variant.model = model
     parts = {"vision": [model.model.vision_tower], "projector": [model.model.multi_modal_projector],
@@ -209,25 +231,31 @@ def build_hf(variant: Variant, micro_batches: list[dict], image_id: int, dense: 
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
 
-    def step() -> None:
+    def step_on(batches: list[dict]) -> None:
         optimizer.zero_grad(set_to_none=True)
-        for loss in hf_losses(model, micro_batches):
+        for loss in hf_losses(model, batches, attention_mask):
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.clip_grad)
         optimizer.step()
 
-    variant.step = step
+    variant.step = lambda: step_on(micro_batches)
+    return step_on
 
 
-def hf_losses(model: Any, micro_batches: list[dict]) -> Iterator[torch.Tensor]:
+def hf_losses(
+    model: Any, micro_batches: list[dict], attention_mask: bool = False
+) -> Iterator[torch.Tensor]:
     """Each micro-batch's share of the step's loss from the HF model (summed over its loss
     tokens, divided by the step's: megamod's normalisation), one at a time so a training
-    step can run backward on each before the next forward."""
+    step can run backward on each before the next forward. `attention_mask`: the rows'
+    padding goes to HF as its attention_mask."""
     device, dtype = model.device, model.dtype
     loss_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(device)
     for batch in micro_batches:
         images = batch["images"].to(device, dtype) if len(batch["images"]) else None
-        logits = model(input_ids=batch["tokens"].to(device), pixel_values=images).logits
+        attend = (~batch["padding_mask"]).long().to(device) if attention_mask else None
+        logits = model(input_ids=batch["tokens"].to(device), pixel_values=images,
+                       attention_mask=attend).logits
         # megamod's labels are already the next tokens (Megatron-LM's layout): no shift.
         labels, mask = batch["labels"].to(device), batch["loss_mask"].to(device)
         losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
@@ -357,6 +385,78 @@ def results_of(variant: Variant, tokens_per_step: int, peak: float | None) -> di
     return result
 
 
+def data_mix_benchmark(
+    mix: str, names: list[str], shape_name: str, extra: list[str], samples: int, epochs: int,
+    warmup: int,
+) -> dict:
+    """Issue 17's benchmark (`benchmarks/packing.py`, whose docstring says what it models):
+    the dense and MoD models, built with data.packing=true so that one model serves every
+    mode, step through the same samples padded to seq_length, dynamically padded and packed;
+    the HF peer (SDPA, an attention_mask) through the dynamic micro-batches. Returns the
+    summary."""
+    import numpy as np
+    from megatron.core.utils import unwrap_model
+
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.training.loop import train_step
+
+    overrides = {name: COMMON + SHAPES[shape_name] + packing.SHAPE_OVERRIDES[shape_name]
+                 + ["data.packing=true"] + extra + VARIANTS[name]
+                 for name in names if name != "hf"}
+    configs = {name: load_config(BASE, o) for name, o in overrides.items()}
+    states = {name: train_state(config) for name, config in configs.items()}
+    for state in states.values():
+        state.loader.close()  # the samples are made here
+    config, dense = configs["dense"], unwrap_model(states["dense"].model)
+    vision, language = config.model.vision, config.model.language
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    special = [*tokenizer.hf.all_special_ids, dense.image_token_id]
+    ids = packing.TokenIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, image=dense.image_token_id,
+                           text=np.setdiff1d(np.arange(tokenizer.vocab_size), special))
+    drawn = packing.draw_samples(packing.MIXES[mix], samples, language.seq_length,
+                                 vision.num_patches, vision.image_size, ids, config.train.seed)
+    batches = packing.mode_batches(drawn, config.train.micro_batch_size, language.seq_length,
+                                   tokenizer.pad_id, vision.image_size)
+    runs = {f"{name}/{mode}": (lambda micro_batches, state=state: train_step(state, micro_batches),
+                                   batches[mode])
+            for name, state in states.items() for mode in packing.MODES}
+    if "hf" in names:
+        hf = Variant("hf", overrides["dense"], config)
+        step_on = build_hf(hf, batches["dynamic"][:1], dense.image_token_id, dense,
+                           attention="sdpa", attention_mask=True)
+        runs["hf/dynamic"] = (step_on, batches["dynamic"])
+    # Model FLOPs as megamod counts them (StepFlops: padding computed, a packed row one sample).
+    counters = {name: StepFlops(c, dense.language_model.vocab_size, dense.image_token_id)
+                for name, c in configs.items()}
+    tflops = {name: counters[name.split("/")[0].replace("hf", "dense")](b) / 1e12
+              for name, (_, b) in runs.items()}
+    epoch_times = packing.time_epochs(runs, warmup, epochs)
+    figures = {mode: packing.mode_figures(b) for mode, b in batches.items()}
+    results = packing.results(epoch_times, figures, tflops)
+    lengths = [s.encoded.length for s in drawn]
+    return {
+        "data_mix": mix,
+        "shape": shape_name,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": config.precision.params_dtype,
+        "seq_length": language.seq_length,
+        "image_tokens": vision.num_patches,
+        "samples": samples,
+        "epochs": epochs,
+        "warmup": warmup,
+        "sample_lengths": lengths,
+        "mean_length": sum(lengths) / len(lengths),
+        "text_only_samples": sum(s.encoded.num_images == 0 for s in drawn),
+        "truncated_samples": sum(s.encoded.truncated for s in drawn),
+        "overrides": overrides,
+        "modes": figures,
+        "runs": results,
+        "ratios": packing.ratios(results),
+        "epoch_times_s": epoch_times,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shape = parser.add_mutually_exclusive_group()
@@ -364,8 +464,8 @@ def main() -> None:
     shape.add_argument("--smoke", action="store_true", help="the tiny model (tests)")
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"a subset of {','.join(VARIANTS)}, with dense")
+    parser.add_argument("--variants", help=f"a subset of {','.join(VARIANTS)}, with dense "
+                        f"(default: all; with --data-mix: {','.join(DATA_MIX_VARIANTS)})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every variant, after the shape's (repeatable)")
     parser.add_argument("--loader-steps", type=int, default=32,
@@ -373,11 +473,16 @@ def main() -> None:
     parser.add_argument("--generation-tokens", type=int, default=8,
                         help="new tokens per generation timed (0: no generation figures)")
     parser.add_argument("--dry-run", action="store_true", help="print shapes and FLOPs only")
+    parser.add_argument("--data-mix", choices=list(packing.MIXES),
+                        help="instead: useful tokens/s on this mix's sample lengths, padded, "
+                             "dynamically padded and packed (benchmarks/packing.py)")
+    parser.add_argument("--samples", type=int, default=48, help="--data-mix: samples (an epoch)")
+    parser.add_argument("--epochs", type=int, default=1, help="--data-mix: timed epochs per run")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     args = parser.parse_args()
 
     shape_name = "quick" if args.quick else "smoke" if args.smoke else "default"
-    names = args.variants.split(",")
+    names = (args.variants or ",".join(DATA_MIX_VARIANTS if args.data_mix else VARIANTS)).split(",")
     if set(names) - VARIANTS.keys() or "dense" not in names:
         parser.error(f"--variants: a subset of {list(VARIANTS)} with dense (it supplies the data)")
     variants = []
@@ -386,6 +491,15 @@ def main() -> None:
         variants.append(Variant(name, overrides, load_config(BASE, overrides)))
     if args.dry_run:
         dry_run(variants)
+        return
+    if args.data_mix:
+        if set(names) - set(DATA_MIX_VARIANTS):
+            parser.error(f"--data-mix: --variants a subset of {','.join(DATA_MIX_VARIANTS)} with dense")
+        summary = data_mix_benchmark(args.data_mix, names, shape_name, args.set, args.samples,
+                                     args.epochs, args.warmup)
+        packing.print_table(summary)
+        if args.json:
+            print(json.dumps(summary))
         return
 
     from megamod.parallel import destroy_distributed
