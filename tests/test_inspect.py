@@ -88,7 +88,7 @@ def reference(moe_ckpt) -> dict:
     image = sum(int((b["tokens"] == tokenizer.image_token_id).sum()) for b in batches)
     return {
         "params": params,
-        "tokens": sum(b["tokens"].numel() for b in batches),
+        "tokens": sum(int((~b["padding_mask"]).sum()) for b in batches),  # padding routes nowhere
         "image_tokens": image,
         "images": sum(b["images"].shape[0] for b in batches),
         "patches": moe_config.model.vision.num_patches,
@@ -115,11 +115,12 @@ def count_routing(model, batches: list[dict], image_id: int) -> dict[int, np.nda
         with torch.no_grad():
             for batch in batches:
                 seen.clear()
-                model(batch["tokens"], batch["images"])
+                model(batch["tokens"], batch["images"], padding_mask=batch["padding_mask"])
                 assert sorted(layer for layer, _ in seen) == sorted(routers)
-                is_image = (batch["tokens"].t() == image_id).reshape(-1)  # router order [s, b]
+                real = ~batch["padding_mask"].t().reshape(-1)  # router order [s, b]
+                is_image = (batch["tokens"].t() == image_id).reshape(-1)[real]
                 for layer, x in seen:
-                    x = x.double().reshape(-1, x.shape[-1])
+                    x = x.double().reshape(-1, x.shape[-1])[real]
                     logits = x @ routers[layer].weight.double().t()
                     chosen = torch.softmax(logits, -1).topk(2, dim=-1).indices
                     picked = torch.zeros_like(logits).scatter_(1, chosen, 1.0)
