@@ -187,13 +187,13 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
 def world_of_one(parallel: ParallelConfig, seed: int, command: str) -> Iterator[DistEnv]:
     """A one-process command (`megamod convert`, `upcycle`, `inspect --routing`,
     `generate`) as a world of one, for megatron-core's parallel state and
-    dist_checkpointing. Started by torchrun, it uses torchrun's rendezvous; otherwise a
-    free port of its own, never a MASTER_PORT inherited from a training job's environment.
-    Under a launcher with more processes it is refused."""
+    dist_checkpointing. Started by torchrun, it uses torchrun's rendezvous; otherwise an
+    in-memory one (`init_distributed`), never a MASTER_PORT inherited from a training job's
+    environment. Under a launcher with more processes it is refused."""
     if dist_env_from(os.environ).world_size != 1:
         raise MegamodError(f"megamod {command} runs as one process: start it without torchrun or srun")
     if "RANK" not in os.environ:  # not torchrun's
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.pop("MASTER_PORT", None)
     env = init_distributed(parallel, seed)
     try:
         yield env

@@ -10,8 +10,9 @@ megatron-core's dist_checkpointing writer (`FileSystemWriterAsync`, behind every
 A rank killed with `kill -9` (or with its launcher) runs no exit handler: the Manager would
 live on under PID 1, the tracker with it (it waits for every holder of its pipe to close
 it), and a writer would write on holding the lock, so the next job on the save_dir would be
-refused. `helpers_die_with_us` has the kernel kill both kinds with the process that started
-them; the tracker then reads end-of-file and exits too.
+refused. `helpers_die_with_us` has the kernel kill the writers with the process that
+started them, and the Manager watch for its parent's death (`exit_with_parent`); the tracker
+then reads end-of-file and exits too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import multiprocessing.util
 import os
 import signal
 import sys
+import threading
+import time
 from multiprocessing.managers import SyncManager
 from queue import Queue
 
@@ -57,13 +60,27 @@ def helpers_die_with_us() -> None:
     multiprocessing.util.register_after_fork(_AFTER_FORK, _die_with_parent_process)
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """A daemon thread that ends this process once `parent_pid` is no longer its parent.
+    For the Manager, which lives for the whole run: the kernel's parent-death signal
+    follows the *thread* that started a process, and the first save, which starts the
+    Manager, may run in a thread that ends long before the run does."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="megamod-exit-with-parent", daemon=True).start()
+
+
 def _results_queue() -> Queue:
     """megatron-core's `_get_write_results_queue`, with a Manager that dies with us."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
         # The queue's proxy keeps the manager (and its shutdown at exit) alive.
         filesystem_async._results_queue = manager.Queue()
     return filesystem_async._results_queue

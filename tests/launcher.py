@@ -20,6 +20,9 @@ TINY_CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
 
 def env(extra: dict[str, str] | None) -> dict[str, str]:
     result = dict(os.environ)
+    # A rendezvous this test process set up for itself is not the child's.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        result.pop(key, None)
     result["PYTHONPATH"] = f"{REPO}{os.pathsep}{result.get('PYTHONPATH', '')}"
     result.setdefault("OMP_NUM_THREADS", "1")
     result["PYTHONWARNINGS"] = "ignore"

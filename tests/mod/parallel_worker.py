@@ -53,7 +53,18 @@ def mixed_micro_batches(loader, image_token_id: int) -> list[dict]:
             by_images[images].append(sample)
     first = [by_images[0][0], by_images[1][0], by_images[2][0]]
     second = [by_images[1][1], by_images[2][1], by_images[0][1]]
-    return [{key: torch.cat([s[key] for s in group]) for key in first[0]} for group in (first, second)]
+    return [_stack(group) for group in (first, second)]
+
+
+def _stack(samples: list[dict]) -> dict:
+    """One micro-batch of single-sample batches, each padded to the widest (`data.padding`
+    `longest` cuts each to its own length)."""
+    width = max(s["tokens"].shape[1] for s in samples)
+    fill = {"tokens": 0, "labels": -100, "loss_mask": False, "padding_mask": True}
+    batch = {key: torch.cat([torch.nn.functional.pad(s[key], (0, width - s[key].shape[1]), value=fill[key])
+                             for s in samples]) for key in fill}
+    batch["images"] = torch.cat([s["images"] for s in samples])
+    return batch
 
 
 def step(config, init_dir: Path | None):
