@@ -245,13 +245,15 @@ class MoDTransformerLayer(TransformerLayer):
         `train.recompute_*` applies to them as to a plain layer (core attention, norms and
         a dense MLP recomputed by megatron-core); `_forward_post_mlp` weights the MLP's
         output by w before the residual add."""
+        attention_kwargs.pop("padding_mask", None)  # the row's; the MLP gets the slots'
         h, context = self._forward_attention(_gather_seq(x_full, index), **attention_kwargs)
         slot_is_image = _gather_seq(self.micro_batch.token_is_image, index) & valid
         modality = slot_is_image.long().masked_fill(~valid, -1)  # MoE routers: padding not counted
         self._mlp_weight = torch.where(slot_is_image, _gather_seq(weights, index), 1.0)
         try:
             with self.micro_batch.routing(modality.reshape(-1)):
-                return self._forward_mlp(h), context
+                # Filler slots are padding to a MoE layer ([b, K]: its argument's layout).
+                return self._forward_mlp(h, padding_mask=(~valid).t()), context
         finally:
             self._mlp_weight = None
 

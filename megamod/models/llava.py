@@ -168,12 +168,16 @@ class LLaVA(MegatronModule):
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         attention_mask = None if segment_ids is None else segment_causal_mask(segment_ids.t())
+        if padding_mask is not None and self.sequence_parallel:  # each rank's MoE layers: its slice
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            padding_mask = padding_mask.chunk(tp, dim=1)[parallel_state.get_tensor_model_parallel_rank()]
         return self.language_model(
             input_ids=None,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             labels=labels,
+            padding_mask=padding_mask,  # megatron-core hands it to the MoE layers' routers
         )
 
     def describe_micro_batch(

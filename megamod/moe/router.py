@@ -55,8 +55,9 @@ class TopKRouterWithStats(TopKRouter):
     moe: Optional[MoEConfig] = None
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        if padding_mask is None:
-            padding_mask = self._padding(logits)
+        """`padding_mask` [s, b] (True: padding), from the MoE layer's argument: the model
+        passes a row's padding, a MoD layer its filler slots; an argument, so that
+        megatron-core's recomputation of the layer replays it."""
         if self.moe is not None and self.moe.gate == "deepspeed_top2":
             probs, routing_map = self._deepspeed_top2(logits, padding_mask)
         elif padding_mask is None:
@@ -75,14 +76,6 @@ class TopKRouterWithStats(TopKRouter):
         if self.training or self.moe is None:
             return self.config.moe_expert_capacity_factor
         return self.moe.eval_capacity_factor
-
-    def _padding(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
-        """[s, b] True at the padding the model marked (modality -1: a row's unused end, a
-        MoD layer's filler slots), None when the model marks none."""
-        modality = self.micro_batch.routed_modality if self.micro_batch is not None else None
-        if modality is None:
-            return None
-        return (modality == -1).view(logits.shape[:2])
 
     def _route_without_padding(
         self, logits: torch.Tensor, padding_mask: torch.Tensor

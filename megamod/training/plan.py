@@ -334,12 +334,15 @@ def _moe(g: _Shapes, tokens: float) -> float:
 
 
 def _mod(g: _Shapes, kept_tokens: float, is_moe: bool) -> float:
-    """A p-MoD layer: the router scores the whole sequence (its fp32 input, gathered over
-    TP under SP), the layer runs on the kept tokens, the merge keeps the layer input."""
+    """A p-MoD layer: the router scores the whole sequence (its input, gathered over TP
+    under SP, kept in the model's dtype: `mod.router.Fp32Scores`; without SP it is the layer
+    input the merge keeps anyway), the layer runs on the kept tokens, the merge keeps the
+    layer input."""
     h, act = g.language.hidden_size, g.act
     tokens = g.batch * g.seq
     local, kept_local = g.seq_shard(tokens), g.seq_shard(kept_tokens)
-    saved = _FP32 * tokens * h * g.trains.language + _FP32 * tokens  # router input, weights
+    gathered = act * tokens * h if g.sp and g.tp > 1 else 0.0
+    saved = gathered * g.trains.language + _FP32 * tokens  # router input, weights
     saved += act * local * (h + 1) + 9 * local  # merge: x and weights, indices, mask
     saved += 17 * kept_local + act * kept_local * (h + 1)  # kept rows: indices, mask, w * f
     saved += _attention(g, kept_tokens, kept_tokens)
