@@ -14,24 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from tests.convert.test_hf import (
-    IMAGE,
-    convert,
-    randomised,
-    save_with_tokenizer,
-    text_config,
-    vision_config,
-)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    config = LlavaConfig(vision_config=vision_config(), text_config=text_config(),
-                         image_token_index=IMAGE)
-    model = randomised(LlavaForConditionalGeneration(config))
-    return save_with_tokenizer(model, tmp_path_factory.mktemp("hf") / "llava")
+from tests.convert.test_hf import convert, hf_dir  # noqa: F401  (hf_dir: a fixture)
 
 
 def _truncate(path: Path) -> Path:
