@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megamod.cli.run import RELAYED_SIGNALS, SignalRelay, argument_parser, check_job, job_exit_code
@@ -139,7 +140,9 @@ def test_relay_sends_stop_signals_to_the_workers_and_a_second_ctrl_c_aborts():
     previous = {sig: signal.getsignal(sig) for sig in RELAYED_SIGNALS}
     try:
         assert worker.stdout.readline() == "ready\n"
-        SignalRelay()
+        # Only the stand-in: this process's other children (the checkpoint writer's Manager
+        # of an earlier test) must not get the signals.
+        SignalRelay(workers=lambda: [psutil.Process(worker.pid)])
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             os.kill(os.getpid(), sig)
             assert worker.stdout.readline() == f"{sig.name}\n"

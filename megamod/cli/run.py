@@ -22,7 +22,7 @@ import argparse
 import signal
 import sys
 from types import FrameType
-from typing import Iterable
+from typing import Callable, Iterable
 
 import psutil
 
@@ -38,18 +38,20 @@ AGENT_SIGNALS = ("SIGHUP", "SIGQUIT")
 
 
 class SignalRelay:
-    """From its creation on, SIGTERM, SIGUSR1 and SIGINT to this process go to each of its
-    child processes (torchrun's agent starts nothing else: they are the workers). A second
-    SIGINT also aborts this process (KeyboardInterrupt). A signal that finds no worker
-    (before they start) ends this process as it would have without the relay."""
+    """From its creation on, SIGTERM, SIGUSR1 and SIGINT to this process go to each process
+    `workers()` lists (by default this process's children: torchrun's agent starts nothing
+    else, they are the workers). A second SIGINT also aborts this process
+    (KeyboardInterrupt). A signal that finds no worker (before they start) ends this process
+    as it would have without the relay."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: Callable[[], list[psutil.Process]] | None = None) -> None:
+        self._workers = workers or (lambda: psutil.Process().children())
         self._interrupted = False
         for sig in RELAYED_SIGNALS:
             signal.signal(sig, self._relay)
 
     def _relay(self, signum: int, frame: FrameType | None) -> None:
-        workers = psutil.Process().children()
+        workers = self._workers()
         if not workers:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
