@@ -293,7 +293,13 @@ class MoDConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
+    # Pipeline stages: the decoder's layers split over them in order, the vision encoder and
+    # projector (and the embedding) on the first, the output layer and loss on the last.
     pipeline_model_parallel_size: int = 1
+    # Decoder layers on the first / last stage (None: an even split of what is left). The
+    # first stage also runs the vision encoder: give it fewer decoder layers.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
     expert_model_parallel_size: int = 1
     # Tensor parallelism inside each expert; None = tensor_model_parallel_size. With
     # expert_model_parallel_size=2 on the 2 ranks of TP=2, set it to 1.
@@ -310,11 +316,13 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
             raise ConfigError("parallel.expert_tensor_parallel_size must be >= 1 (or null)")
-        if self.pipeline_model_parallel_size != 1:
-            raise ConfigError(
-                "parallel.pipeline_model_parallel_size > 1 is not supported yet: "
-                "set it to 1 and use tensor_model_parallel_size"
-            )
+        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or self.pipeline_model_parallel_size == 1):
+                raise ConfigError(
+                    f"parallel.{name}={value} needs pipeline_model_parallel_size > 1 and a "
+                    f"value >= 1: set it to null or raise pipeline_model_parallel_size"
+                )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1:"
@@ -734,6 +742,53 @@ class Config:
                 raise ConfigError(f"{key}={path} is a file: it must name a directory")
         self._check_moe()
         self._check_mod()
+        self._check_pipeline()
+
+    def pipeline_stage_layers(self) -> list[int]:
+        """Decoder layers per pipeline stage, as megatron-core splits them (the first and
+        last stages' counts when set, the rest evenly)."""
+        parallel, num_layers = self.parallel, self.model.language.num_layers
+        pp = parallel.pipeline_model_parallel_size
+        first, last = parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage
+        if pp == 1:
+            return [num_layers]
+        middle = pp - (first is not None) - (last is not None)
+        rest = num_layers - (first or 0) - (last or 0)
+        if rest < 0 or (middle and rest % middle) or (not middle and rest):
+            raise ConfigError(
+                f"model.language.num_layers={num_layers} cannot be split over "
+                f"parallel.pipeline_model_parallel_size={pp} stages with "
+                f"num_layers_in_first_pipeline_stage={first} and "
+                f"num_layers_in_last_pipeline_stage={last}: the stages without a set count "
+                f"must share the remaining {rest} layers evenly"
+            )
+        even = rest // middle if middle else 0
+        if middle and even == 0:
+            raise ConfigError(
+                f"model.language.num_layers={num_layers} leaves no decoder layer for some of "
+                f"the parallel.pipeline_model_parallel_size={pp} stages: lower it"
+            )
+        return [first if first is not None else even, *[even] * (pp - 2),
+                last if last is not None else even]
+
+    def _check_pipeline(self) -> None:
+        stages = self.pipeline_stage_layers()
+        train = self.train
+        if (len(stages) > 1 and self.moe.num_experts is not None
+                and self.moe.token_dispatcher_type == "allgather"):
+            raise ConfigError(
+                "moe.token_dispatcher_type=allgather cannot run with "
+                "parallel.pipeline_model_parallel_size > 1 (megatron-core refuses it beside the "
+                "variable-length activations the stages exchange): use alltoall"
+            )
+        if (train.recompute_method == "uniform" and train.recompute_num_layers
+                and any(n % train.recompute_num_layers for n in stages)):
+            raise ConfigError(
+                f"train.recompute_method=uniform recomputes groups of "
+                f"train.recompute_num_layers={train.recompute_num_layers} layers within each "
+                f"pipeline stage, which hold {stages} decoder layers: pick a divisor of each, "
+                f"or recompute_method=block"
+            )
 
     def _check_mod(self) -> None:
         mod, tp = self.mod, self.parallel.tensor_model_parallel_size

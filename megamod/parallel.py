@@ -178,6 +178,8 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     # (with a warning) on first use. Disabled: no re-running of suspicious steps.
     destroy_rerun_state_machine()  # a process may re-initialise with another layout
     initialize_rerun_state_machine(mode=RerunMode.DISABLED)
+    # Megatron-LM's offset: pipeline stages initialise their layers from streams of their own.
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env

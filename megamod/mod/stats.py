@@ -9,6 +9,7 @@ are device tensors read once per log interval.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import is_checkpointing
 
 
@@ -48,6 +49,23 @@ class MoDStats:
                 new = torch.cat([old[:3] + new[:3], old[3:4].minimum(new[3:4]), old[4:].maximum(new[4:])])
             self.weights[layer] = new
 
+    def gather_pipeline_stages(self) -> None:
+        """Take in the other pipeline stages' MoD layers (each stage records its own), so
+        `scalars()` covers the whole decoder. Collective over the pipeline group; nothing
+        to do without pipeline parallelism."""
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return
+        own = self.mod_layers  # gathered layers stay until reset()
+        mine = ({k: self.kept[k] for k in own}, {k: self.candidates[k] for k in own},
+                {k: v.cpu() for k, v in self.weights.items() if k in own})
+        stages: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(
+            stages, mine, group=parallel_state.get_pipeline_model_parallel_group())
+        for kept, candidates, weights in stages:
+            self.kept.update(kept)
+            self.candidates.update(candidates)
+            self.weights.update(weights)
+
     def scalars(self) -> dict[str, float]:
         """This rank's view: every TP rank selects the same tokens; DP ranks see other
         samples, and rank 0's are what is logged (a share, comparable across ranks)."""
@@ -56,7 +74,7 @@ class MoDStats:
         candidates = sum(self.candidates.values())
         if candidates:
             out["mod/kept_ratio"] = kept / candidates
-        for layer in self.mod_layers:
+        for layer in sorted(self.kept):
             if self.candidates[layer]:
                 out[f"mod/kept_ratio/layer{layer}"] = self.kept[layer] / self.candidates[layer]
             if layer in self.weights:

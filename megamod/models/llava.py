@@ -65,30 +65,38 @@ class LLaVA(MegatronModule):
         self.num_patches = vision.num_patches
         self.sequence_parallel = config.parallel.sequence_parallel
         self.model_type = ModelType.encoder_or_decoder  # read by the schedules
-
-        self.vision_model = CLIPViTModel(
-            configs.vision,
-            specs.vision_layer_spec(use_te),
-            ln_pre_impl=specs.vision_norm(use_te),
-            add_class_token=True,
-            class_token_len=1,
-            patch_dim=vision.patch_size,
-            img_h=vision.image_size,
-            img_w=vision.image_size,
-            model_subtype="clip",
-        )
-        self.vision_projection = MultimodalProjector(
-            configs.projector,
-            specs.projector_submodules(use_te),
-            projector_type="mlp",
-            input_size=vision.hidden_size,
-        )
+        # Pipeline stages: the first embeds (vision encoder, projector, token embedding),
+        # the last computes the loss, each runs its share of the decoder's layers.
+        self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.vision_model = self.vision_projection = None
+        if self.pre_process:
+            self.vision_model = CLIPViTModel(
+                configs.vision,
+                specs.vision_layer_spec(use_te),
+                ln_pre_impl=specs.vision_norm(use_te),
+                add_class_token=True,
+                class_token_len=1,
+                patch_dim=vision.patch_size,
+                img_h=vision.image_size,
+                img_w=vision.image_size,
+                model_subtype="clip",
+            )
+            self.vision_projection = MultimodalProjector(
+                configs.projector,
+                specs.projector_submodules(use_te),
+                projector_type="mlp",
+                input_size=vision.hidden_size,
+            )
+        self.share_embeddings_and_output_weights = not language.untie_embeddings_and_output_weights
         self.language_model = GPTModelWithPositions(
             configs.language,
             specs.decoder_block_spec(configs.language, use_te, config.mod, packed=config.data.packing),
             vocab_size=vocab_size,
             max_sequence_length=language.seq_length,
-            share_embeddings_and_output_weights=not language.untie_embeddings_and_output_weights,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=language.rotary_base,
             # Image features are merged into the full sequence first, then scattered.
@@ -100,7 +108,7 @@ class LLaVA(MegatronModule):
         self.routing_stats = None
         self.mod_stats = None
         mod_layers = self.mod_layers()
-        if mod_layers:
+        if config.mod.enabled:  # on every pipeline stage, with MoD layers or not: they log together
             self.mod_stats = MoDStats([layer.layer_number - 1 for layer in mod_layers])
             for layer in mod_layers:
                 layer.micro_batch, layer.stats = self.micro_batch, self.mod_stats
@@ -118,6 +126,12 @@ class LLaVA(MegatronModule):
             for moe_layer in self.parts()["moe"]:
                 for param in moe_layer.experts.parameters():
                     param.allreduce = False
+
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter | None:
+        """The tied embedding / output weight of this stage, for megatron-core's
+        `finalize_model_grads` (which all-reduces its gradient between the first and last
+        pipeline stages), as megatron-core's `LLaVAModel` surfaces it."""
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         # Called by megatron-core's schedules; only meaningful with pipeline parallelism.
@@ -152,17 +166,21 @@ class LLaVA(MegatronModule):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP].
+        """Per-token LM loss [b, s] when labels are given, else logits [b, s, v/TP]; on a
+        pipeline stage before the last, its output hidden states [s(/TP), b, h]. Every
+        stage gets the micro-batch's tokens (what its MoE and MoD layers need to know).
 
         `padding_mask` [b, s] (True where a row holds no sample) keeps padding out of the
         MoE routers and the MoD layers; packed rows (several samples a row) come with
         `segment_ids` [b, s] (the sample's number in its row, -1 on padding) and
         `position_ids` [b, s] (restarting at 0 in each sample): attention stays within each
         sample (one mask for the micro-batch, built here) and RoPE follows the positions."""
-        decoder_input = self.embed(tokens, images)
+        decoder_input = None  # a later pipeline stage: the previous stage's output
+        if self.pre_process:
+            decoder_input = self.embed(tokens, images)
+            if self.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         self.describe_micro_batch(tokens, loss_mask, padding_mask, segment_ids)
-        if self.sequence_parallel:
-            decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         if labels is not None and loss_mask is not None:
             labels = labels.masked_fill(~loss_mask.bool(), _MASKED_LABEL)
         if position_ids is None:
@@ -237,8 +255,8 @@ class LLaVA(MegatronModule):
         return [m for m in self.language_model.modules() if isinstance(m, TopKRouterWithStats)]
 
     def parts(self) -> dict[str, torch.nn.Module]:
-        """The freezable parts, by the names `train.trainable` uses. `language` is the whole
-        decoder; `moe` its MoE layers' experts and routers; `ffn` every decoder layer's
+        """The freezable parts of this pipeline stage, by the names `train.trainable` uses.
+        `language` is the whole decoder (this stage's layers); `moe` its MoE layers' experts and routers; `ffn` every decoder layer's
         FFN (a dense layer's MLP, a MoE layer's experts); `router` the MoE routers."""
         layers = self.language_model.decoder.layers
         moe_layers = [layer.mlp for layer in layers if isinstance(layer.mlp, BaseMoELayer)]
@@ -246,9 +264,10 @@ class LLaVA(MegatronModule):
             layer.mlp.experts if isinstance(layer.mlp, BaseMoELayer) else layer.mlp
             for layer in layers
         ]
+        absent = torch.nn.ModuleList()  # on a pipeline stage after the first
         return {
-            "vision": self.vision_model,
-            "projector": self.vision_projection,
+            "vision": self.vision_model if self.pre_process else absent,
+            "projector": self.vision_projection if self.pre_process else absent,
             "language": self.language_model,
             "moe": torch.nn.ModuleList(moe_layers),
             "ffn": torch.nn.ModuleList(ffns),

@@ -29,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from megamod.config import MoDConfig
 from megamod.models.core_attention import SDPADotProductAttention
@@ -52,7 +52,8 @@ def transformer_engine_available() -> bool:
 def decoder_block_spec(
     config: TransformerConfig, use_te: bool, mod: Optional[MoDConfig] = None, packed: bool = False
 ) -> TransformerBlockSubmodules:
-    """Llama-style decoder layers (causal self-attention + MLP or MoE), one spec per layer.
+    """Llama-style decoder layers (causal self-attention + MLP or MoE), one spec per layer
+    of this pipeline stage.
 
     megatron-core's own block spec reads `config.moe_layer_freq` to place MoE layers;
     their router becomes `TopKRouterWithStats` (upstream's TopKRouter that also reports
@@ -78,7 +79,9 @@ def decoder_block_spec(
         if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer:
             mlp.submodules.router = TopKRouterWithStats
     if mod is not None and mod.enabled:
-        ratios = layer_ratios(mod, config.num_layers)
+        # The block spec holds this pipeline stage's layers, from the layer `offset` on.
+        offset = get_transformer_layer_offset(config)
+        ratios = layer_ratios(mod, config.num_layers)[offset : offset + len(block.layer_specs)]
         block.layer_specs = [
             spec if ratio is None else _mod_layer(spec, ratio, mod)
             for spec, ratio in zip(block.layer_specs, ratios)

@@ -34,11 +34,30 @@ def bias_activation_fusion(
     return on_gpu and gated_linear_unit and activation_func is F.silu
 
 
+def _pipeline(config: Config) -> dict:
+    """The decoder's pipeline split. The vision encoder and projector run whole on the
+    first stage (their configs keep pipeline_model_parallel_size=1, or megatron-core would
+    split the ViT's layers over the stages too), as in megatron-core's `LLaVAModel`."""
+    parallel = config.parallel
+    if parallel.pipeline_model_parallel_size == 1:
+        return {}
+    return dict(
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        # Rows are padded per micro-batch (or packed), not to seq_length: the stages
+        # exchange each activation's shape before the activation. megatron-core refuses
+        # this beside its default token dispatcher (allgather) even in a dense decoder,
+        # which dispatches nothing: name the other one there (MoE configs name their own).
+        variable_seq_lengths=True,
+        **({"moe_token_dispatcher_type": "alltoall"} if config.moe.num_experts is None else {}),
+    )
+
+
 def _common(config: Config, on_gpu: bool) -> dict:
     parallel = config.parallel
     return dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         **dtype_fields(config.precision),
         init_method_std=config.model.init_method_std,
         hidden_dropout=0.0,
@@ -89,8 +108,8 @@ def _recompute(config: Config) -> dict:
     """megatron-core's activation recomputation, for the decoder alone: the vision encoder
     and projector never get it, as in Megatron-LM's LLaVA (examples/multimodal recomputes
     the vision model only under its own `--recompute-vision`). What TrainConfig cannot see
-    alone is refused here: more layers than the decoder has, an uneven uniform split (the
-    block would index past its last layer), MoE modules without MoE layers, and what
+    alone is refused here: more layers than the decoder has (an uneven uniform split, where
+    the block would index past its last layer, is the config's own check), MoE modules without MoE layers, and what
     megatron-core cannot recompute on this machine or with this precision."""
     train = config.train
     if train.recompute_granularity is None:
@@ -101,12 +120,6 @@ def _recompute(config: Config) -> dict:
         raise ConfigError(
             f"train.recompute_num_layers={count} exceeds model.language.num_layers="
             f"{num_layers}: use at most {num_layers}"
-        )
-    if train.recompute_method == "uniform" and num_layers % count:
-        raise ConfigError(
-            f"train.recompute_method=uniform splits the decoder into groups of "
-            f"train.recompute_num_layers={count} layers, which does not divide "
-            f"model.language.num_layers={num_layers}: pick a divisor, or recompute_method=block"
         )
     modules = train.recompute_modules or []
     for module in ("moe", "moe_act"):
@@ -197,6 +210,7 @@ def transformer_configs(config: Config, on_gpu: bool | None = None) -> Transform
         add_qkv_bias=False,
         sequence_parallel=config.parallel.sequence_parallel,
         **common,
+        **_pipeline(config),
         **_moe(config),
         **_recompute(config),
         # FP8 GEMMs in the decoder's layers only (megamod.precision).

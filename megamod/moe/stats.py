@@ -19,8 +19,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.moe import moe_utils
+
+from megamod.parallel import collective_device
 
 MODALITIES = ("text", "image")
 
@@ -67,9 +70,12 @@ class RoutingStats:
             self.topk = topk
 
     def all_reduce(self, group: torch.distributed.ProcessGroup) -> None:
-        """Sum over the ranks that hold different tokens (sequence- and data-parallel)."""
+        """Sum over the ranks that hold different tokens (sequence- and data-parallel
+        `group`) and over the pipeline stages (each holds its own layers' rows)."""
         packed = torch.cat([self.counts.flatten(), self.tokens.flatten()])
         torch.distributed.all_reduce(packed, group=group)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(packed, group=parallel_state.get_pipeline_model_parallel_group())
         n = self.counts.numel()
         self.counts = packed[:n].view_as(self.counts)
         self.tokens = packed[n:].view_as(self.tokens)
@@ -109,10 +115,14 @@ class RoutingStats:
         the last reset, then cleared. Collective over the ranks of the step; the z-loss is
         this rank's (upstream tracks it without a reduction group)."""
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        forwards = self.forwards
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            forwards = self._pipeline_forwards()
+            self._same_names_on_every_stage(tracker)
         if not tracker:
             return {}
         moe_utils.reduce_aux_losses_tracker_across_ranks()
-        per_forward = 1.0 / self.forwards[self.moe_layers].clamp(min=1).cpu()
+        per_forward = 1.0 / forwards[self.moe_layers].clamp(min=1).cpu()
         out: dict[str, float] = {}
         for name, tag in (("load_balancing_loss", "moe/aux_loss"), ("z_loss", "moe/z_loss")):
             if name not in tracker:
@@ -123,6 +133,25 @@ class RoutingStats:
                 out[f"{tag}/layer{layer}"] = value
         moe_utils.clear_aux_losses_tracker()
         return out
+
+    def _pipeline_forwards(self) -> torch.Tensor:
+        """Forwards per layer as the stage holding the layer counted them."""
+        forwards = self.forwards.to(collective_device())
+        torch.distributed.all_reduce(forwards, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_pipeline_model_parallel_group())
+        return forwards
+
+    def _same_names_on_every_stage(self, tracker: dict) -> None:
+        """megatron-core all-reduces each tracked loss over the pipeline stages by name, and
+        a stage without MoE layers (or without a z-loss) tracks none: it would wait in
+        another collective than the others (the hang of Megatron-LM PR #3401). Every stage
+        tracks the union of the names, a stage's missing ones as zeros."""
+        names: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(
+            names, sorted(tracker), group=parallel_state.get_pipeline_model_parallel_group())
+        for name in sorted(set().union(*names) - set(tracker)):
+            moe_utils.save_to_aux_losses_tracker(
+                name, torch.zeros((), device=collective_device()), 1, len(self.forwards))
 
     def heatmap(self, cell: int = 12) -> np.ndarray:
         """An RGB image [3, H, W] for TensorBoard: layers down, experts across; panels

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Iterator
 
 import torch
+from megatron.core import parallel_state
 
 from megamod.parallel import collective_device
 
@@ -27,6 +28,21 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple
         segment_ids=batch.get("segment_ids"),
     )
     return output, partial(loss_func, batch["loss_mask"])
+
+
+def step_totals(reports: list[dict]) -> torch.Tensor:
+    """[loss sum, loss tokens] of the micro-batches the schedule ran (its `reports`), summed
+    over data-parallel ranks and pipeline stages: only the last stage computes the loss
+    (the others report nothing and add zeros), and every rank gets the step's figures.
+    Collective."""
+    if reports:
+        totals = torch.stack([r["lm loss"] for r in reports]).sum(0).float()
+    else:
+        totals = torch.zeros(2, device=collective_device())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return totals
 
 
 def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

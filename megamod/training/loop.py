@@ -31,7 +31,7 @@ from megamod.models.llava import LLaVA
 from megamod.parallel import check_device_support, collective_device, dist_env_from
 from megamod.training import checkpoint
 from megamod.training.flops import StepFlops
-from megamod.training.forward import forward_step, to_device
+from megamod.training.forward import forward_step, step_totals, to_device
 from megamod.training.logging import MetricsLogger
 from megamod.training.optimizer import apply_update, build_optimizer, build_scheduler, wrap_model
 from megamod.training.loss_scaler import loss_scaler
@@ -116,7 +116,8 @@ def dp_metrics(
 
 def mod_metrics(model: LLaVA) -> dict[str, float]:
     """MoD kept ratios and router weights over the steps since the last log (this rank's
-    samples), then reset."""
+    samples, every pipeline stage's layers), then reset. Collective over the pipeline."""
+    model.mod_stats.gather_pipeline_stages()
     scalars = model.mod_stats.scalars()
     model.mod_stats.reset()
     return scalars
@@ -191,7 +192,8 @@ def setup(config: Config) -> TrainState:
 
 def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tensor:
     """Gradients of one step into the DDP grad buffers (already divided by the global
-    loss-token count). Returns [loss sum, loss tokens] over micro-batches and DP ranks."""
+    loss-token count). Returns [loss sum, loss tokens] over micro-batches, DP ranks and
+    pipeline stages."""
     model, config = state.model, state.config
     model.zero_grad_buffer()
     state.optimizer.zero_grad()
@@ -204,9 +206,7 @@ def forward_backward(state: TrainState, micro_batches: list[dict]) -> torch.Tens
         micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
-    totals = torch.stack([r["lm loss"] for r in reports]).sum(0)
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return totals
+    return step_totals(reports)
 
 
 def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
@@ -248,6 +248,7 @@ def describe_run(state: TrainState) -> dict[str, Any]:
         "parameters_per_rank": params,
         "trainable_parameters_per_rank": trainable,
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "start_iteration": state.iteration,
         "params_dtype": config.precision.params_dtype,

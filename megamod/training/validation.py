@@ -26,8 +26,7 @@ from megatron.core.utils import unwrap_model
 from megamod.config import Config
 from megamod.data.loader import TrainLoader, build_eval_loaders
 from megamod.data.tokenizer import Tokenizer
-from megamod.parallel import collective_device
-from megamod.training.forward import forward_step, to_device
+from megamod.training.forward import forward_step, step_totals, to_device
 
 
 class Validator:
@@ -56,11 +55,13 @@ class Validator:
                 llava.routing_stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group())
                 scalars.update({f"eval/{k}": v for k, v in llava.routing_stats.scalars().items()})
             if llava.mod_stats is not None:
+                llava.mod_stats.gather_pipeline_stages()
                 scalars.update({f"eval/{k}": v for k, v in llava.mod_stats.scalars().items()})
         return scalars
 
     def _source_totals(self, model: torch.nn.Module, loader: TrainLoader) -> torch.Tensor:
-        """[loss sum, loss tokens] over the source's first `eval.iters` steps, all DP ranks."""
+        """[loss sum, loss tokens] over the source's first `eval.iters` steps, all DP ranks
+        (and pipeline stages)."""
         loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
         total = torch.zeros(2, dtype=torch.float64)
         for _ in range(self.config.eval.iters):
@@ -74,10 +75,8 @@ class Validator:
                 micro_batch_size=self.config.train.micro_batch_size,
                 forward_only=True,
             )
-            total += torch.stack([r["lm loss"] for r in reports]).sum(0).double().cpu()
-        total = total.to(collective_device())
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total.cpu()
+            total += step_totals(reports).double().cpu()
+        return total
 
     def close(self) -> None:
         for loader in self.loaders:

@@ -84,7 +84,9 @@ def step(config, init_dir: Path | None):
         batches = mixed_micro_batches(state.loader, model.image_token_id)
     totals = forward_backward(state, batches)
     result = {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(),
-              **gradients(config, model), "kept": model.mod_stats.scalars()}
+              **gradients(config, model)}
+    model.mod_stats.gather_pipeline_stages()  # every stage's layers (pipeline parallelism)
+    result["kept"] = model.mod_stats.scalars()
     return result, model
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import unwrap_model
 
 from megamod.training import checkpoint
@@ -50,15 +51,25 @@ def global_name(name: str, num_local_experts: int) -> str:
     return name.replace(match.group(0), f"local_experts.{offset + int(match.group(1))}.")
 
 
+def global_layer_name(name: str, offset: int) -> str:
+    """A decoder layer's parameter under its global layer number (this pipeline stage's
+    layers start at `offset`)."""
+    return re.sub(r"^language_model\.decoder\.layers\.(\d+)\.",
+                  lambda m: f"language_model.decoder.layers.{offset + int(m[1])}.", name)
+
+
 def gradients(config, model) -> dict:
     """{"grads": every trained parameter's gradient, whole (TP shards gathered, experts
-    from every EP rank under their global index), "disagreeing": the names of replicas (one
-    tensor on several ranks) whose gradients differ between ranks}, on every rank."""
+    from every EP rank under their global index, decoder layers from every pipeline stage
+    under their global number), "disagreeing": the names of replicas (one tensor on several
+    ranks) whose gradients differ between ranks}, on every rank."""
     num_local = (config.moe.num_experts or 0) // config.parallel.expert_model_parallel_size
+    offset = get_transformer_layer_offset(model.language_model.config)
     grads = {}
-    for name, param in model.named_parameters():
+    for param_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = global_layer_name(param_name, offset)
         if getattr(param, "allreduce", True):  # dense: TP-sharded at most
             grads[name] = gather_tp(param.main_grad, param)
         else:  # an expert: on its EP rank, sharded over the expert-TP group
