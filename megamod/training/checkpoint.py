@@ -680,8 +680,7 @@ def _optimizer_tensors_as_saved(
     (non-persistent values unwrapped). Main params that a plain fp32 optimizer saved as
     the model's weights are the model's parameters themselves (loaded first, in place)."""
     saved_keys = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    model_weights = {t.key: t.data for t in nested_values(model_state)
-                     if isinstance(t, ShardedBase)}
+    model_weights = {_place(t): t.data for t in nested_values(model_state) if isinstance(t, ShardedBase)}
     renames = (("optimizer.state.fp32_param.", "optimizer.state.param."),
                ("optimizer.state.param.", "optimizer.state.fp32_param."))
     flat: dict[str, Any] = {}
@@ -701,13 +700,22 @@ def _optimizer_tensors_as_saved(
             return [split(v) for v in x]
         if isinstance(x, ShardedBase):
             key = saved_key(x.key)
-            if key in model_weights:
-                return model_weights[key]
+            weight = model_weights.get(_place(dataclasses.replace(x, key=key)))
+            if weight is not None:
+                return weight
             flat[str(len(flat))] = dataclasses.replace(x, key=key)
             return _SLOT
         return x.unwrap() if isinstance(x, LocalNonpersistentObject) else x
 
     return flat, split(request)
+
+
+def _place(sharded: ShardedBase) -> tuple:
+    """What tells one model tensor's entry from another's: the experts of a MoE layer share
+    one key, each at its own offset of the expert axis (a ShardedTensor) or with a builder
+    of its own (a ShardedTensorFactory, e.g. a SwiGLU expert's fc1, which an optimizer's
+    entry for it copies)."""
+    return sharded.key, getattr(sharded, "global_offset", None), id(getattr(sharded, "build_fn", None))
 
 
 def _in_own_format(

@@ -8,7 +8,8 @@ parameters and Adam state for pytest to compare.
                                 it again as OUT/ckpt_fp32_plain_dp1
   distopt_worker.py four OUT    (4 processes) plain vs distributed at TP=2 + SP (DP=2) and
                                 with MoE (EP=2, expert-DP=2, DP=4); the distributed
-                                optimizer resumes both checkpoints at DP=4
+                                optimizer resumes both checkpoints at DP=4, and the
+                                plain MoE run's
 
 Each result holds, by parameter name, the rank's model parameter and its full (DP-gathered)
 fp32 main parameter, exp_avg and exp_avg_sq, read from megatron-core's optimizer objects.
@@ -114,8 +115,13 @@ def resume(tp: int, sp: bool, extra: list[str], load_dir: Path,
         checkpoint.save_checkpoint(save_dir, state.iteration, unwrap_model(state.model),
                                    state.optimizer, state.scheduler,
                                    state.loader.state_dict(), config)
+    loaded = snapshot(state)
+    # One more update: torch AdamW's per-parameter step counts move on by one each.
+    train_step(state, state.loader.next_step())
+    steps = {float(s["step"]) for sub in _sub_optimizers(state.optimizer)
+             for s in sub.optimizer.state.values()}
     state.loader.close()
-    return {**snapshot(state), "iteration": state.iteration}
+    return {**loaded, "iteration": state.iteration, "steps_after_an_update": sorted(steps)}
 
 
 def main(mode: str, out: Path) -> None:
@@ -138,8 +144,9 @@ def main(mode: str, out: Path) -> None:
     else:
         results["tp2_plain"] = train(2, True, [])
         results["tp2_dist"] = train(2, True, dist)
-        results["moe_plain"] = train(1, False, MOE)
+        results["moe_plain"] = train(1, False, MOE, out / "ckpt_moe_plain")
         results["moe_dist"] = train(1, False, MOE + dist)
+        results["moe_dist_from_plain"] = resume(1, False, MOE + dist, out / "ckpt_moe_plain")
         results["dist_dp4_from_dist_dp2"] = resume(1, False, dist, out / "ckpt_fp32_dist_dp2")
         results["dist_dp4_from_plain_dp1"] = resume(1, False, dist, out / "ckpt_fp32_plain_dp1")
     torch.save(results, out / f"{mode}_rank{torch.distributed.get_rank()}.pt")

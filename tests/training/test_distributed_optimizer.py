@@ -55,6 +55,8 @@ def test_the_upstream_spots_the_patches_answer_exist():
     assert 'dst_tensors = {"param": main_param, **optim_state}' in source
     assert "dst_tensors[key].copy_(tensors[key])" in source
     assert 'if k == "step":' in source
+    # megamod.models.upstream_fixes gives each parameter its own copy of this count.
+    assert 's["step"] = step\n' in source
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -113,5 +115,20 @@ def test_distributed_optimizer_resumes_at_dp4(results, source):
     for rank in range(4):
         resumed = results[f"four_rank{rank}"][f"dist_dp4_from_{source}"]
         assert resumed["iteration"] == 3 and resumed["shards"] == [4]
+        # Each parameter counts its own Adam steps (upstream shares one count among all).
+        assert resumed["steps_after_an_update"] == [4.0]
         diff = max_differences(resumed, saved)
         assert max(diff.values()) == 0.0, diff
+
+
+def test_distributed_optimizer_resumes_a_plain_moe_checkpoint(results):
+    """The plain fp32 optimizer saves no main params (they are the weights): the
+    distributed one takes each expert's from that expert's own weights (a MoE layer's
+    experts share one key, each at its own place)."""
+    saved = results["four_rank0"]["moe_plain"]
+    for rank in range(4):
+        resumed = results[f"four_rank{rank}"]["moe_dist_from_plain"]
+        assert resumed["iteration"] == 3
+        diff = max_differences(resumed, results[f"four_rank{rank}"]["moe_plain"])
+        assert max(diff.values()) == 0.0, diff
+    assert any("local_experts.1.linear_fc1" in n for n in saved["params"])

@@ -8,10 +8,14 @@ setup() -> megatron-core DDP -> the schedule -> finalize_model_grads.
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+
 import pytest
 import torch
 
-from tests.launcher import REPO, torchrun
+from tests.launcher import REPO, check, run, torchrun
 
 WORKER = str(REPO / "tests" / "training" / "pipeline_worker.py")
 
@@ -52,3 +56,59 @@ def test_pp2_matches_single_process(results, case):
         if ".layers.3.mod_router." not in name:
             assert ref_grad.abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(other["grads"][name], ref_grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------ resuming across PP
+
+PMOD_MOE = REPO / "examples" / "configs" / "pmod" / "tiny_moe.yaml"
+# The issue's acceptance layout: 4 processes, TP=2 + SP x PP=2, EP=2 over the TP ranks,
+# the distributed optimizer.
+PP2_LAYOUT = ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+              "parallel.sequence_parallel=true", "parallel.expert_model_parallel_size=2",
+              "parallel.expert_tensor_parallel_size=1", "parallel.use_distributed_optimizer=true"]
+
+
+def _train(nproc: int, config, overrides: list[str], cwd) -> dict[int, float]:
+    from tests.training.test_checkpoint import step_losses
+
+    result = torchrun(nproc, ["-m", "megamod", "train", str(config), *overrides], cwd, timeout=600)
+    return step_losses(result.stdout)
+
+
+def _routing(save_dir, cwd) -> dict:
+    """`megamod inspect --routing` of a save_dir's latest checkpoint (a one-process tool)."""
+    result = check(run([sys.executable, "-m", "megamod", "inspect", str(save_dir), "--routing",
+                        "--data", "tiny", "--batches", "2", "--json"], cwd))
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
+    """p-MoD + MoE (tiny_moe): one process trains 6 steps, saving every 2. Its iteration-2
+    checkpoint resumes at TP=2 + SP x PP=2 (EP=2, the distributed optimizer; saved at 4),
+    which resumes at one process for steps 5-6: every step's loss is the uninterrupted
+    run's. `inspect --routing` (one process) reads the PP=2 checkpoint whole: its experts
+    route the tiny data as the one-process run's iteration 4 does."""
+    common = ["train.train_iters=6", "train.lr_warmup_fraction=0.0", "logging.tensorboard_dir=null"]
+    whole = tmp_path / "whole"
+    reference = _train(1, PMOD_MOE, common + [f"checkpoint.save_dir={whole}",
+                                              "checkpoint.save_interval=2"], tmp_path)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    resumed, whole_at_4 = tmp_path / "resumed", tmp_path / "whole_at_4"
+    for folder, iteration in ((resumed, 2), (whole_at_4, 4)):
+        shutil.copytree(whole / f"iter_{iteration:07d}", folder / f"iter_{iteration:07d}")
+        (folder / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+
+    pp2 = _train(4, PMOD_MOE, common + PP2_LAYOUT + [
+        f"checkpoint.save_dir={resumed}", "train.train_iters=4"], tmp_path)
+    routing_pp2, routing_pp1 = _routing(resumed, tmp_path), _routing(whole_at_4, tmp_path)
+    pp1 = _train(1, PMOD_MOE, common + [f"checkpoint.save_dir={resumed}"], tmp_path)
+
+    assert sorted(pp2) == [3, 4] and sorted(pp1) == [5, 6]
+    for step, loss in {**pp2, **pp1}.items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+    pp2_routes, pp1_routes = routing_pp2["routing"], routing_pp1["routing"]
+    assert pp2_routes["moe_layers"] == pp1_routes["moe_layers"] == [0, 2]  # one on each stage
+    assert pp2_routes["tokens"] == pp1_routes["tokens"]
+    for modality, load in pp1_routes["load"].items():
+        torch.testing.assert_close(torch.tensor(pp2_routes["load"][modality]), torch.tensor(load),
+                                   atol=1e-6, rtol=0, msg=modality)
