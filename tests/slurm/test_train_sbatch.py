@@ -1,7 +1,8 @@
 """slurm/train.sbatch and slurm/moe_llava.sh on a real one-node Slurm cluster
 (tests/slurm/cluster.sh), as a user submits them.
 
-A 2-rank job trains and saves, keeping its config and log beside the checkpoints. A job
+A 2-rank job (two pipeline stages) trains and saves, keeping its config and log beside the
+checkpoints; a layout the job's ranks cannot take is refused before any rank starts. A job
 signalled with SIGUSR1 mid-run (what `--signal=USR1@T` sends before the time limit)
 checkpoints, requeues itself, resumes and ends with every step's loss equal to the
 uninterrupted job's, each step logged once. The MoE-Tuning chain is submitted as jobs
@@ -32,6 +33,8 @@ TRAIN = REPO / "slurm" / "train.sbatch"
 # The test node: 2 CPUs and no GPU (the script's 8-GPU default would be refused).
 SMALL_NODE = ["-N1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 ITERS = 6
+# The two ranks are two pipeline stages: the stop, requeue and resume run through them.
+PIPELINE = ("parallel.pipeline_model_parallel_size=2",)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +53,10 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
     subprocess.run(["bash", str(CLUSTER), "stop", str(cluster)], capture_output=True, timeout=60)
 
 
-def sbatch_train(root: Path, *options: str) -> list[str]:
+def sbatch_train(root: Path, *options: str, layout: tuple[str, ...] = PIPELINE) -> list[str]:
     return ["sbatch", *SMALL_NODE, f"--output={root}/job-%j.out", *options, str(TRAIN),
             str(TINY_CONFIG), f"train.train_iters={ITERS}", "checkpoint.save_interval=null",
-            f"checkpoint.save_dir={root}/ckpt", f"logging.tensorboard_dir={root}/tb"]
+            f"checkpoint.save_dir={root}/ckpt", f"logging.tensorboard_dir={root}/tb", *layout]
 
 
 def job_output(root: Path) -> str:
@@ -88,7 +91,8 @@ def uninterrupted(slurm_env, tmp_path_factory) -> Path:
 def test_job_trains_on_every_rank_and_keeps_its_record_beside_the_checkpoints(uninterrupted):
     out = job_output(uninterrupted)
     start = json.loads(next(line for line in out.splitlines() if line.startswith('{"event"')))
-    assert start["data_parallel_size"] == 2  # the ranks came from SLURM_PROCID / SLURM_NTASKS
+    # The ranks came from SLURM_PROCID / SLURM_NTASKS: one per pipeline stage.
+    assert (start["pipeline_model_parallel_size"], start["data_parallel_size"]) == (2, 1)
     ckpt = uninterrupted / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
     assert (ckpt / f"iter_{ITERS:07d}" / "metadata.json").is_file()
@@ -126,6 +130,16 @@ def test_signalled_job_checkpoints_requeues_and_resumes_to_the_same_losses(
         tensorboard_losses(uninterrupted / "tb"), abs=1e-6)
     # The console's 6 significant digits, as a user would compare them.
     assert step_losses(out) == step_losses(job_output(uninterrupted))
+
+
+def test_a_layout_the_ranks_cannot_take_is_refused_before_any_rank_starts(slurm_env, tmp_path):
+    result = subprocess.run(
+        sbatch_train(tmp_path, "--wait", layout=("parallel.pipeline_model_parallel_size=4",)),
+        cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=120)
+    out = job_output(tmp_path)
+    assert result.returncode == 2, out + result.stderr
+    assert "2 processes cannot be split" in out and "pipeline_model_parallel_size=4" in out
+    assert '"event": "start"' not in out and "megamod: job" not in out
 
 
 def test_moe_llava_stages_are_one_dependency_chain(slurm_env, tmp_path):
