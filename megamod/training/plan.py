@@ -6,12 +6,17 @@ the vocabulary, the data sources and their manifests, the parallel layout of N r
 (`megamod.parallel.parallel_layout`, `megamod.training.loop.check_batch_split`), the
 checkpoint it would start from (MoE layout, and every model tensor's global shape against
 the checkpoint's metadata), and the model itself, built on the meta device in a world of
-one at TP=1. Parameters per rank come from megatron-core's tensor-parallel attributes on
-each parameter (`tensor_model_parallel`: split over TP, or over the expert-tensor group
+one at TP=1, PP=1. Parameters per rank come from megatron-core's tensor-parallel attributes
+on each parameter (`tensor_model_parallel`: split over TP, or over the expert-tensor group
 for experts; `allreduce=False`: an expert, split over EP), so no rank of the real layout
-has to exist.
+has to exist; and from its name, the pipeline stage that builds it (`Stage.holds`): the
+vision encoder, projector and token embedding on the first stage, the final norm and
+output layer on the last (with tied embeddings and PP > 1, megatron-core's copy of the
+word embedding there too), decoder layer i on the stage `Config.pipeline_stage_layers`
+gives it.
 
-The memory model (`memory_estimate`, pure) is per GPU:
+The memory model (`memory_estimate`, pure) is per GPU of one pipeline stage; the dry run
+reports the stage with the largest total:
 - weights in `precision.params_dtype`;
 - gradients in megatron-core DDP's fp32 buffers (`grad_reduce_in_fp32`), trainable
   parameters only;
@@ -19,19 +24,26 @@ The memory model (`memory_estimate`, pure) is per GPU:
   16-bit; the distributed optimizer shards it over the data-parallel group (experts: the
   expert-data-parallel group);
 - activations: what autograd keeps for backward during one micro-batch's forward at
-  `seq_length` (`activation_bytes`), with PP=1 one micro-batch at a time; full
-  recomputation keeps each group's input, selective recomputation drops what its modules
-  would keep, and backward rebuilds one group or module at a time (the working set); or,
-  if larger, the logits alive with them when the loss is computed;
+  `seq_length` on the stage (`activation_bytes`), times the micro-batches megatron-core's
+  1F1B schedule keeps in flight there (`Stage.in_flight`: stage s of PP runs PP - 1 - s
+  warm-up forwards before its first backward, so it holds min(PP - s, micro-batches) of
+  them; PP=1: one). Full recomputation keeps each group's input (groups formed within the
+  stage's layers, as megatron-core recomputes per stage), selective recomputation drops
+  what its modules would keep, and backward rebuilds one group or module at a time (the
+  working set); or, if larger, the logits alive with them when the last stage computes the
+  loss: both once, not per micro-batch in flight;
 - a fixed reserve for the CUDA context, NCCL's buffers and allocator fragmentation.
 
-`activation_bytes` sums, per decoder layer, the tensors megatron-core's modules save: the
-norms' inputs, each trainable linear's input, the attention's q, k, v and output (flash
-or SDPA kernels: no score matrix), the MLP's or experts' intermediates (experts: the
-top-k copies of each token, assuming balanced routing), p-MoD's router and merge inputs
-with its layers run at their kept tokens (`megamod.mod.schedule.layer_ratios`), the ViT at
-its patch tokens and the projector when they train, and the fp32 softmax of the
-vocabulary-parallel cross entropy. Tensor-parallel parts divide by TP; with sequence
+`activation_bytes` sums, per decoder layer of the stage, the tensors megatron-core's
+modules save: the norms' inputs, each trainable linear's input, the attention's q, k, v
+and output (flash or SDPA kernels: no score matrix), the MLP's or experts' intermediates
+(experts: the top-k copies of each token, assuming balanced routing), p-MoD's router and
+merge inputs with its layers run at their kept tokens (`megamod.mod.schedule.layer_ratios`);
+on the first stage the ViT at its patch tokens and the projector when they train, on the
+last the fp32 softmax of the vocabulary-parallel cross entropy, and on every other stage
+its output, which the schedule holds until its backward (megatron-core's
+`deallocate_pipeline_outputs` is off). A stage's received input is what its first layer
+(or recomputed group) keeps. Tensor-parallel parts divide by TP; with sequence
 parallelism the rest does too. Two kernel sets differ in what norms and SwiGLU keep:
 `LOCAL` (megatron-core's local spec, what megamod runs on CPU: the test measures it
 against `torch.autograd.graph.saved_tensors_hooks`) and `TRANSFORMER_ENGINE` (the GPU
@@ -44,7 +56,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -71,7 +85,8 @@ _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class ParameterCounts:
-    """The model's parameters (global) and one rank's share of them under a layout."""
+    """The model's parameters (global) and one rank's share of them under a layout (a rank
+    of one pipeline stage)."""
 
     total: int
     trainable: int
@@ -85,8 +100,9 @@ class ParameterCounts:
 
 @dataclass(frozen=True)
 class ParameterShape:
-    """What sharding needs to know of one parameter of a model built at TP=1, EP=1."""
+    """What sharding needs to know of one parameter of a model built at TP=1, EP=1, PP=1."""
 
+    name: str  # as `named_parameters` gives it: says which pipeline stage builds it
     numel: int
     split: bool  # megatron-core's `tensor_model_parallel`: split over (expert-)TP
     expert: bool  # `allreduce=False`: an expert's, split over EP
@@ -96,27 +112,100 @@ class ParameterShape:
 def parameter_shapes(model: Any) -> list[ParameterShape]:
     return [
         ParameterShape(
+            name=name,
             numel=param.numel(),
             split=bool(getattr(param, "tensor_model_parallel", False)),
             expert=getattr(param, "allreduce", True) is False,
             trainable=param.requires_grad,
         )
-        for param in model.parameters()
+        for name, param in model.named_parameters()
     ]
 
 
+# Where `megamod.models.llava.LLaVA` builds its parts (parameter names at PP=1).
+_FIRST_STAGE_PARTS = ("vision_model.", "vision_projection.", "language_model.embedding.")
+_LAST_STAGE_PARTS = ("language_model.decoder.final_layernorm.", "language_model.output_layer.")
+_DECODER_LAYER = re.compile(r"language_model\.decoder\.layers\.(\d+)\.")
+WORD_EMBEDDING = "language_model.embedding.word_embeddings.weight"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage of the layout: the parts of the model megatron-core builds on it."""
+
+    index: int
+    stages: int  # the pipeline's size, PP
+    layers: range  # its decoder layers, by global index
+    # Tied embeddings at PP > 1: the last stage's copy of the word embedding as the output
+    # layer's weight (megatron-core's `shared_embedding`, its gradient all-reduced with
+    # the first stage's).
+    embedding_copy: bool = False
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.stages - 1
+
+    def holds(self, name: str) -> bool:
+        """Whether this stage builds the parameter `name` of the model built at PP=1."""
+        layer = _DECODER_LAYER.match(name)
+        if layer:
+            return int(layer.group(1)) in self.layers
+        if name.startswith(_FIRST_STAGE_PARTS):
+            return self.first or (self.embedding_copy and name == WORD_EMBEDDING)
+        if name.startswith(_LAST_STAGE_PARTS):
+            return self.last
+        raise ValueError(f"no pipeline stage is known for the parameter {name}")
+
+    def in_flight(self, micro_batches: int) -> int:
+        """Micro-batches whose activations this stage keeps at once under megatron-core's
+        1F1B schedule (`forward_backward_pipelining_without_interleaving`): its
+        PP - 1 - index warm-up forwards and the first steady-state one, at most all of
+        `micro_batches` (per step and DP rank)."""
+        return min(self.stages - self.index, micro_batches)
+
+
+def pipeline_stages(config: Config) -> list[Stage]:
+    """`config`'s pipeline stages (ConfigError when its layers do not split over them)."""
+    sizes = config.pipeline_stage_layers()
+    starts = [0, *itertools.accumulate(sizes)]
+    tied = not config.model.language.untie_embeddings_and_output_weights
+    return [
+        Stage(i, len(sizes), range(starts[i], starts[i + 1]),
+              embedding_copy=tied and len(sizes) > 1 and i == len(sizes) - 1)
+        for i in range(len(sizes))
+    ]
+
+
+def whole_model(config: Config) -> Stage:
+    """The one stage of PP=1: every part of the model."""
+    return Stage(0, 1, range(config.model.language.num_layers))
+
+
+def micro_batches_per_step(config: Config, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per step (gradient accumulation)."""
+    return config.train.global_batch_size // (config.train.micro_batch_size * dp)
+
+
 def count_parameters(
-    shapes: list[ParameterShape], layout: ParallelLayout, moe: MoEConfig
+    shapes: list[ParameterShape], layout: ParallelLayout, moe: MoEConfig,
+    stage: Optional[Stage] = None,
 ) -> ParameterCounts:
     """Count a model's parameters as `layout` shards them: a parameter megatron-core marks
     `tensor_model_parallel` is split over TP (an expert's over the expert-tensor-parallel
-    group), an expert over EP; the others are replicated."""
+    group), an expert over EP; the others are replicated. Per rank: a rank of `stage`
+    (default: all of the model, PP=1); the global counts are the whole model's."""
     total = trainable = experts = per_rank = per_rank_trainable = per_rank_experts = 0
     for shape in shapes:
         if shape.expert:
             share = shape.numel // layout.ep // (layout.etp if shape.split else 1)
         else:
             share = shape.numel // (layout.tp if shape.split else 1)
+        if stage is not None and not stage.holds(shape.name):
+            share = 0
         total += shape.numel
         per_rank += share
         experts += shape.numel if shape.expert else 0
@@ -215,24 +304,30 @@ class Recompute:
 
 @dataclass
 class Activations:
-    """Bytes of one micro-batch's activations on one rank."""
+    """Bytes of one micro-batch's activations on one rank of a pipeline stage, and how
+    many micro-batches the stage keeps at once."""
 
-    vision: float  # ViT and projector (only when they, or the ViT, train)
-    decoder: float  # what the decoder keeps through the forward (checkpoints, under full recompute)
-    loss: float  # final norm, output layer input, the cross entropy's fp32 softmax
-    embedding: float  # token ids and the image mask
+    vision: float  # ViT and projector (first stage; only when they, or the ViT, train)
+    # What the stage's decoder layers keep through the forward (checkpoints, under full
+    # recompute); before the last stage, also its output, held until its backward.
+    decoder: float
+    loss: float  # last stage: final norm, output layer input, the cross entropy's fp32 softmax
+    embedding: float  # first stage: token ids and the image mask
     recompute_working_set: float  # one recomputed group or module rebuilt in backward
-    logits_transient: float  # the output layer's logits, alive with all of the above
-    layers: list[float] = field(default_factory=list)  # each decoder layer, not recomputed
+    logits_transient: float  # last stage: the output layer's logits, alive with all of the above
+    layers: list[float] = field(default_factory=list)  # the stage's decoder layers, not recomputed
+    in_flight: int = 1  # micro-batches kept at once (`Stage.in_flight`)
 
     @property
     def saved(self) -> float:
-        """What one forward keeps for backward (what saved_tensors_hooks would see)."""
+        """What one micro-batch's forward keeps for backward (at PP=1, what
+        saved_tensors_hooks would see)."""
         return self.vision + self.decoder + self.loss + self.embedding
 
     @property
     def peak(self) -> float:
-        return self.saved + max(self.recompute_working_set, self.logits_transient)
+        # One group or module is rebuilt, or one micro-batch's logits alive, at a time.
+        return self.in_flight * self.saved + max(self.recompute_working_set, self.logits_transient)
 
 
 @dataclass(frozen=True)
@@ -391,7 +486,8 @@ def _vision(g: _Shapes, config: Config, images: int) -> float:
 
 def _full_recompute(g: _Shapes, layers: list[float]) -> tuple[float, float]:
     """(what the decoder keeps, the working set of one recomputed group) under full
-    recomputation: each checkpointed group keeps its input (and the shared RoPE table)."""
+    recomputation of a stage's `layers`, grouped within them as megatron-core does: each
+    checkpointed group keeps its input (and the shared RoPE table)."""
     count = g.recompute.num_layers
     checkpoint = g.act * g.seq_shard(g.batch * g.seq) * g.language.hidden_size
     rope = _FP32 * g.seq * g.language.hidden_size // g.language.num_attention_heads
@@ -399,15 +495,19 @@ def _full_recompute(g: _Shapes, layers: list[float]) -> tuple[float, float]:
         groups = [layers[i : i + count] for i in range(0, len(layers), count)]
         return len(groups) * checkpoint + rope, max(sum(group) for group in groups)
     # block: the first `count` layers one by one, the others keep everything.
-    return count * checkpoint + rope + sum(layers[count:]), max(layers[:count])
+    return len(layers[:count]) * checkpoint + rope + sum(layers[count:]), max(layers[:count])
 
 
 def activation_bytes(
-    config: Config, vocab_rows: int, kernels: Kernels = TRANSFORMER_ENGINE
+    config: Config, vocab_rows: int, kernels: Kernels = TRANSFORMER_ENGINE,
+    stage: Optional[Stage] = None, micro_batches: int = 1,
 ) -> Activations:
     """One micro-batch of `train.micro_batch_size` samples at `seq_length`, each with
-    IMAGES_PER_SAMPLE images, on one rank of `config.parallel`'s layout."""
+    IMAGES_PER_SAMPLE images, on one rank of `stage` (default: the whole model, PP=1) of
+    `config.parallel`'s layout; the stage keeps `stage.in_flight(micro_batches)` of them,
+    `micro_batches` being those of a step on one DP rank."""
     parallel, language = config.parallel, config.model.language
+    stage = stage or whole_model(config)
     tp = parallel.tensor_model_parallel_size
     g = _Shapes(
         act=_DTYPE_BYTES[config.precision.params_dtype],
@@ -423,25 +523,32 @@ def activation_bytes(
         recompute=Recompute.of(config.train),
     )
     tokens = g.batch * g.seq
-    layers = _layers(dataclasses.replace(g, recompute=Recompute()), config)
+    local = g.seq_shard(tokens)
+    on_stage = slice(stage.layers.start, stage.layers.stop)
+    layers = _layers(dataclasses.replace(g, recompute=Recompute()), config)[on_stage]
     if g.recompute.granularity == "full":
         decoder, working_set = _full_recompute(g, layers)
     else:  # selective: one recomputed module rebuilt at a time
-        kept = _layers(g, config)
+        kept = _layers(g, config)[on_stage]
         decoder = sum(kept)
         working_set = max(full - part for full, part in zip(layers, kept))
-    local = g.seq_shard(tokens)
-    loss = g.norm(local, language.hidden_size, g.trains.language)
-    loss += g.act * local * language.hidden_size * g.trains.language  # output layer input
-    loss += tokens * (_FP32 * vocab_rows / tp + 9)  # fp32 softmax, target mask and indices
+    loss = logits = 0.0
+    if stage.last:
+        loss = g.norm(local, language.hidden_size, g.trains.language)
+        loss += g.act * local * language.hidden_size * g.trains.language  # output layer input
+        loss += tokens * (_FP32 * vocab_rows / tp + 9)  # fp32 softmax, target mask and indices
+        logits = g.act * tokens * vocab_rows / tp
+    else:  # the output sent on: megatron-core's schedule keeps it (deallocate_pipeline_outputs off)
+        decoder += g.act * local * language.hidden_size
     return Activations(
-        vision=_vision(g, config, g.batch * IMAGES_PER_SAMPLE),
+        vision=_vision(g, config, g.batch * IMAGES_PER_SAMPLE) if stage.first else 0.0,
         decoder=decoder,
         loss=loss,
-        embedding=tokens * 9,  # int64 token ids, the image mask
+        embedding=tokens * 9 if stage.first else 0.0,  # int64 token ids, the image mask
         recompute_working_set=working_set,
-        logits_transient=g.act * tokens * vocab_rows / tp,
+        logits_transient=logits,
         layers=layers,
+        in_flight=stage.in_flight(micro_batches),
     )
 
 
@@ -481,9 +588,10 @@ def optimizer_bytes(
 
 def memory_estimate(
     config: Config, counts: ParameterCounts, layout: ParallelLayout, vocab_rows: int,
-    kernels: Kernels = TRANSFORMER_ENGINE,
+    kernels: Kernels = TRANSFORMER_ENGINE, stage: Optional[Stage] = None,
 ) -> MemoryEstimate:
-    """Per-GPU memory of `config` on `layout`, from the per-rank parameter counts."""
+    """Per-GPU memory of `config` on `layout` on a GPU of `stage` (default: the whole
+    model, PP=1), from that stage's per-rank parameter counts."""
     dtype = config.precision.params_dtype
     replicated = optimizer_bytes(counts, layout, dtype, distributed=False)
     distributed = optimizer_bytes(counts, layout, dtype, distributed=True)
@@ -495,23 +603,54 @@ def memory_estimate(
         optimizer=distributed if config.parallel.use_distributed_optimizer else replicated,
         optimizer_replicated=replicated,
         optimizer_distributed=distributed,
-        activations=activation_bytes(config, vocab_rows, kernels),
+        activations=activation_bytes(config, vocab_rows, kernels, stage,
+                                     micro_batches_per_step(config, layout.dp)),
     )
+
+
+@dataclass
+class StageEstimate:
+    """One pipeline stage's parameters and memory per GPU."""
+
+    stage: Stage
+    counts: ParameterCounts
+    memory: MemoryEstimate
+
+
+def stage_estimates(
+    config: Config, shapes: list[ParameterShape], layout: ParallelLayout, vocab_rows: int
+) -> list[StageEstimate]:
+    """Each pipeline stage of `config` on `layout` (one at PP=1): what a GPU of it holds."""
+    estimates = []
+    for stage in pipeline_stages(config):
+        counts = count_parameters(shapes, layout, config.moe, stage)
+        estimates.append(StageEstimate(
+            stage, counts, memory_estimate(config, counts, layout, vocab_rows, stage=stage)))
+    return estimates
+
+
+def largest(estimates: list[StageEstimate]) -> StageEstimate:
+    """The stage whose GPUs need the most memory: the one that must fit."""
+    return max(estimates, key=lambda estimate: estimate.memory.total)
 
 
 def remedies(
     config: Config, shapes: list[ParameterShape], world_size: int, vocab_rows: int
 ) -> list[tuple[str, float]]:
-    """Single changes that lower the estimate, each with its new total (bytes), lowest
-    first. Those the world size, the heads or the batch cannot take are left out."""
+    """Single changes that lower the estimate (its largest stage), each with its new total
+    (bytes), lowest first. Those the world size, the heads, the layers or the batch cannot
+    take are left out."""
     parallel, train, experts = config.parallel, config.train, config.moe.num_experts
     tp, ep = parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size
+    pp = parallel.pipeline_model_parallel_size
     full = {"recompute_granularity": "full", "recompute_method": "uniform",
             "recompute_num_layers": 1, "recompute_modules": None}
     changes = [
         (f"raise parallel.tensor_model_parallel_size to {tp * 2}", "parallel",
          {"tensor_model_parallel_size": tp * 2, "sequence_parallel": True}),
         ("set parallel.sequence_parallel=true", "parallel", {"sequence_parallel": True}),
+        (f"raise parallel.pipeline_model_parallel_size to {pp * 2}", "parallel",
+         {"pipeline_model_parallel_size": pp * 2}),
         ("set parallel.use_distributed_optimizer=true", "parallel",
          {"use_distributed_optimizer": True}),
         (f"raise parallel.expert_model_parallel_size to {ep * 2}", "parallel",
@@ -536,10 +675,10 @@ def remedies(
             )
             layout = parallel_layout(changed.parallel, world_size)
             check_batch_split(changed, layout.dp)
+            estimates = stage_estimates(changed, shapes, layout, vocab_rows)
         except ConfigError:
-            continue  # not a layout, model or batch this job can take
-        counts = count_parameters(shapes, layout, changed.moe)
-        found.append((text, memory_estimate(changed, counts, layout, vocab_rows).total))
+            continue  # not a layout, pipeline split, model or batch this job can take
+        found.append((text, largest(estimates).memory.total))
     return sorted(found, key=lambda item: item[1])
 
 
@@ -548,7 +687,8 @@ def remedies(
 
 @dataclass
 class Plan:
-    """What `dry_run` found: a run of `config` on `layout`, and its memory per GPU."""
+    """What `dry_run` found: a run of `config` on `layout`, and its memory per GPU of each
+    pipeline stage; `counts` and `memory` are the largest stage's."""
 
     config: Config
     layout: ParallelLayout
@@ -556,10 +696,21 @@ class Plan:
     vocab_rows: int
     data: list[dict[str, Any]]
     checkpoint: Optional[dict[str, Any]]
-    counts: ParameterCounts
-    memory: MemoryEstimate
+    stages: list[StageEstimate]
     budget: float  # bytes per GPU
     remedies: list[tuple[str, float]]
+
+    @property
+    def peak(self) -> StageEstimate:
+        return largest(self.stages)
+
+    @property
+    def counts(self) -> ParameterCounts:
+        return self.peak.counts
+
+    @property
+    def memory(self) -> MemoryEstimate:
+        return self.peak.memory
 
     @property
     def fits(self) -> bool:
@@ -623,8 +774,9 @@ def check_checkpoint_tensors(model: Any, load_dir: str | Path) -> int:
 
 @contextlib.contextmanager
 def meta_model(config: Config, tokenizer: Any) -> Iterator[Any]:
-    """`config`'s model on the meta device (no memory), built as a world of one at TP=1
-    (the parameters' TP/EP attributes say how the real layout splits them). Recompute
+    """`config`'s model on the meta device (no memory), built as a world of one at TP=1,
+    PP=1 (the parameters' TP/EP attributes say how the real layout splits them, their
+    names which pipeline stage builds them: `Stage.holds`). Recompute
     modules only transformer-engine runs (moe_act, layernorm) and fp8 are left out of the
     build: they change no parameter, and this machine need not have a GPU."""
     import torch
@@ -684,12 +836,11 @@ def dry_run(config: Config, world_size: int, gpu_memory_gib: float) -> Plan:
         shapes = parameter_shapes(model)
         if load_dir is not None:
             found["tensors"] = check_checkpoint_tensors(model, load_dir)
-    counts = count_parameters(shapes, layout, config.moe)
-    memory = memory_estimate(config, counts, layout, rows)
+    stages = stage_estimates(config, shapes, layout, rows)
     budget = gpu_memory_gib * GIB
-    fixes = [] if memory.total <= budget else remedies(config, shapes, world_size, rows)
-    return Plan(config, layout, tokenizer.vocab_size, rows, data, found, counts, memory,
-                budget, fixes)
+    fits = largest(stages).memory.total <= budget
+    fixes = [] if fits else remedies(config, shapes, world_size, rows)
+    return Plan(config, layout, tokenizer.vocab_size, rows, data, found, stages, budget, fixes)
 
 
 def check_fits(plan: Plan) -> None:
@@ -700,8 +851,9 @@ def check_fits(plan: Plan) -> None:
     options = enough or plan.remedies
     advice = "; or ".join(f"{text} (-> {total / GIB:.1f} GiB)" for text, total in options)
     lead = "" if enough else " (none alone is enough: combine them)"
+    where = f" (pipeline stage {plan.peak.stage.index})" if plan.layout.pp > 1 else ""
     raise ConfigError(
-        f"the estimate, {plan.memory.total / GIB:.1f} GiB per GPU, exceeds --gpu-memory "
+        f"the estimate, {plan.memory.total / GIB:.1f} GiB per GPU{where}, exceeds --gpu-memory "
         f"{plan.budget / GIB:g} GiB: {advice}{lead}"
     )
 
@@ -711,6 +863,7 @@ def check_fits(plan: Plan) -> None:
 
 def plan_json(plan: Plan) -> dict[str, Any]:
     memory, activations = plan.memory, plan.memory.activations
+    micro_batches = micro_batches_per_step(plan.config, plan.layout.dp)
     return {
         "world_size": plan.layout.world_size,
         "layout": dataclasses.asdict(plan.layout),
@@ -720,6 +873,19 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "data": plan.data,
         "checkpoint": plan.checkpoint,
         "parameters": dataclasses.asdict(plan.counts),
+        "stage": plan.peak.stage.index,  # the largest, which the figures below are of
+        "stages": [
+            {
+                "stage": estimate.stage.index,
+                "first_layer": estimate.stage.layers.start,
+                "decoder_layers": len(estimate.stage.layers),
+                "micro_batches_in_flight": estimate.stage.in_flight(micro_batches),
+                "parameters_per_gpu": estimate.counts.per_rank,
+                "activations_bytes": estimate.memory.activations.peak,
+                "total_bytes": estimate.memory.total,
+            }
+            for estimate in plan.stages
+        ],
         "memory_bytes": {
             "weights": memory.weights,
             "gradients": memory.gradients,
@@ -727,6 +893,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             "optimizer_replicated": memory.optimizer_replicated,
             "optimizer_distributed": memory.optimizer_distributed,
             "activations": activations.peak,
+            "activations_micro_batches_in_flight": activations.in_flight,
             "activations_vision": activations.vision,
             "activations_decoder": activations.decoder,
             "activations_loss": activations.loss + activations.embedding,
@@ -743,11 +910,23 @@ def plan_json(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _stage_line(estimate: StageEstimate, micro_batches: int, largest_stage: int) -> str:
+    stage = estimate.stage
+    parts = ["vision encoder, projector, embedding"] if stage.first else []
+    parts += [f"decoder layers {stage.layers.start}-{stage.layers.stop - 1}"]
+    parts += ["final norm, output layer, loss"] if stage.last else []
+    parts += ["word embedding copy"] if stage.embedding_copy else []
+    mark = "  <- the largest" if stage.index == largest_stage else ""
+    return (f"stage {stage.index:<6}{'; '.join(parts)}: {estimate.counts.per_rank:,} parameters "
+            f"per GPU, {stage.in_flight(micro_batches)} micro-batch(es) in flight, "
+            f"{estimate.memory.total / GIB:.2f} GiB{mark}")
+
+
 def format_plan(plan: Plan) -> str:
     config, layout, counts, memory = plan.config, plan.layout, plan.counts, plan.memory
     parallel, train, moe = config.parallel, config.train, config.moe
     activations = memory.activations
-    steps = train.global_batch_size // (train.micro_batch_size * layout.dp)
+    steps = micro_batches_per_step(config, layout.dp)
     sp = ", sequence parallel" if parallel.sequence_parallel else ""
     lines = [f"layout      {layout.world_size} GPUs = TP {layout.tp} x PP {layout.pp} x DP "
              f"{layout.dp}{sp}"]
@@ -758,6 +937,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"batch       {train.global_batch_size} = micro-batch {train.micro_batch_size} x "
                  f"DP {layout.dp} x {steps} accumulation steps, "
                  f"{config.model.language.seq_length} tokens per sample")
+    if layout.pp > 1:
+        lines += [_stage_line(estimate, steps, plan.peak.stage.index) for estimate in plan.stages]
     lines.append(f"vocabulary  {plan.tokenizer_size} tokens ({config.data.tokenizer}), "
                  f"{plan.vocab_rows} embedding rows")
     for source in plan.data:
@@ -769,7 +950,8 @@ def format_plan(plan: Plan) -> str:
         "none: starts from scratch" if ckpt is None else
         f"{ckpt['load']} iteration {ckpt['iteration']} "
         f"({'weights only' if ckpt['finetune'] else 'resume'}): {ckpt['tensors']} tensors match"))
-    lines += ["", f"{'parameters':<30}{'model':>16}{'per GPU':>16}",
+    per_gpu = "per GPU" if layout.pp == 1 else f"stage {plan.peak.stage.index}"
+    lines += ["", f"{'parameters':<30}{'model':>16}{per_gpu:>16}",
               f"{'  all':<30}{counts.total:>16,}{counts.per_rank:>16,}",
               f"{'  trainable':<30}{counts.trainable:>16,}{counts.per_rank_trainable:>16,}"]
     if moe.num_experts:
@@ -781,20 +963,25 @@ def format_plan(plan: Plan) -> str:
     extra_kind = ("a recomputed part rebuilt"
                   if activations.recompute_working_set > activations.logits_transient
                   else "the logits")
+    in_flight = activations.in_flight
+    each = "each" if in_flight > 1 else ""
     rows = [
         (f"weights ({config.precision.params_dtype})", memory.weights, ""),
         ("gradients (fp32 DDP buffers)", memory.gradients, ""),
         (f"optimizer (Adam, fp32{'' if distributed else ', not'} distributed)", memory.optimizer,
          f"({'not ' if distributed else ''}distributed: {other / GIB:.2f})"),
-        (f"activations (micro-batch {train.micro_batch_size})", activations.peak, ""),
-        ("  vision encoder and projector", activations.vision, ""),
-        (f"  decoder (recompute: {Recompute.of(train).describe()})", activations.decoder, ""),
-        ("  loss and embeddings", activations.loss + activations.embedding, ""),
+        (f"activations (micro-batch {train.micro_batch_size}"
+         f"{f' x {in_flight} in flight' if in_flight > 1 else ''})", activations.peak, ""),
+        ("  vision encoder and projector", activations.vision, each),
+        (f"  decoder (recompute: {Recompute.of(train).describe()})", activations.decoder, each),
+        ("  loss and embeddings", activations.loss + activations.embedding, each),
         (f"  at the peak, {extra_kind}", extra, ""),
         ("reserve (CUDA context, NCCL, fragmentation)", memory.reserve, ""),
         ("total", memory.total,
          f"of {plan.budget / GIB:g}: " + ("fits" if plan.fits else "DOES NOT FIT")),
     ]
-    lines += ["", f"{'memory per GPU (' + TRANSFORMER_ENGINE.name + ' kernels)':<52}{'GiB':>8}"]
+    where = "" if layout.pp == 1 else f", stage {plan.peak.stage.index}"
+    lines += ["", f"{'memory per GPU (' + TRANSFORMER_ENGINE.name + ' kernels' + where + ')':<52}"
+              f"{'GiB':>8}"]
     lines += [f"  {label:<50}{value / GIB:>8.2f}   {note}".rstrip() for label, value, note in rows]
     return "\n".join(lines)

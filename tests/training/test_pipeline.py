@@ -68,11 +68,11 @@ PP2_LAYOUT = ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_
               "parallel.expert_tensor_parallel_size=1", "parallel.use_distributed_optimizer=true"]
 
 
-def _train(nproc: int, config, overrides: list[str], cwd) -> dict[int, float]:
-    from tests.training.test_checkpoint import step_losses
-
+def _train(nproc: int, config, overrides: list[str], cwd) -> dict[int, dict]:
+    """Each step's logged record, by iteration."""
     result = torchrun(nproc, ["-m", "megamod", "train", str(config), *overrides], cwd, timeout=600)
-    return step_losses(result.stdout)
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"iteration"')]
+    return {r["iteration"]: r for r in records}
 
 
 def _routing(save_dir, cwd) -> dict:
@@ -86,9 +86,10 @@ def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
     """p-MoD + MoE (tiny_moe): one process trains 6 steps, saving every 2. Its iteration-2
     checkpoint resumes at TP=2 + SP x PP=2 (EP=2, the distributed optimizer; saved at 4),
     which resumes at one process for steps 5-6: every step's loss is the uninterrupted
-    run's. `inspect --routing` (one process) reads the PP=2 checkpoint whole: its experts
+    run's, and so is every evaluation (`eval.interval`). `inspect --routing` (one process) reads the PP=2 checkpoint whole: its experts
     route the tiny data as the one-process run's iteration 4 does."""
-    common = ["train.train_iters=6", "train.lr_warmup_fraction=0.0", "logging.tensorboard_dir=null"]
+    common = ["train.train_iters=6", "train.lr_warmup_fraction=0.0", "logging.tensorboard_dir=null",
+              "eval.interval=2", "eval.shards=[tiny]", "eval.iters=1"]
     whole = tmp_path / "whole"
     reference = _train(1, PMOD_MOE, common + [f"checkpoint.save_dir={whole}",
                                               "checkpoint.save_interval=2"], tmp_path)
@@ -104,8 +105,15 @@ def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
     pp1 = _train(1, PMOD_MOE, common + [f"checkpoint.save_dir={resumed}"], tmp_path)
 
     assert sorted(pp2) == [3, 4] and sorted(pp1) == [5, 6]
-    for step, loss in {**pp2, **pp1}.items():
-        assert loss == pytest.approx(reference[step], rel=1e-5), f"step {step}"
+    for step, record in {**pp2, **pp1}.items():
+        assert record["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=1e-5), step
+    # Evaluation during training (held-out loss, routing and MoD kept ratios at evaluation)
+    # over both stages, as one process evaluates.
+    for step, record in ((4, pp2[4]), (6, pp1[6])):
+        evaluated = {k: v for k, v in reference[step].items() if k.startswith("eval/")}
+        assert "eval/loss" in evaluated and "eval/mod/kept_ratio" in evaluated
+        assert {k: v for k, v in record.items() if k.startswith("eval/")} == pytest.approx(
+            evaluated, rel=1e-4, abs=1e-6), step
     pp2_routes, pp1_routes = routing_pp2["routing"], routing_pp1["routing"]
     assert pp2_routes["moe_layers"] == pp1_routes["moe_layers"] == [0, 2]  # one on each stage
     assert pp2_routes["tokens"] == pp1_routes["tokens"]
