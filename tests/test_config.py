@@ -87,6 +87,20 @@ def test_defaults_are_llava_shapes():
         (["mod.enabled=true", "parallel.tensor_model_parallel_size=2",
           "parallel.sequence_parallel=true", "mod.kept_length_multiple=3"],
          ["mod.kept_length_multiple", "tensor_model_parallel_size=2"]),
+        # pipeline
+        (["parallel.num_layers_in_first_pipeline_stage=1"],
+         ["num_layers_in_first_pipeline_stage=1", "pipeline_model_parallel_size > 1"]),
+        (["parallel.pipeline_model_parallel_size=3"],
+         ["num_layers=4", "pipeline_model_parallel_size=3", "evenly"]),
+        (["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=5"],
+         ["num_layers=4", "num_layers_in_first_pipeline_stage=5"]),
+        (["parallel.pipeline_model_parallel_size=4", "parallel.num_layers_in_first_pipeline_stage=1",
+          "parallel.num_layers_in_last_pipeline_stage=3"], ["leaves no decoder layer"]),
+        (["parallel.pipeline_model_parallel_size=2", "train.recompute_granularity=full",
+          "train.recompute_method=uniform", "train.recompute_num_layers=4"],
+         ["recompute_num_layers=4", "[2, 2]"]),
+        (["parallel.pipeline_model_parallel_size=2", "moe.num_experts=4",
+          "moe.token_dispatcher_type=allgather"], ["allgather", "alltoall"]),
         # precision
         (["precision.params_dtype=fp8"], ["precision.params_dtype", "bf16"]),
         (["precision.min_loss_scale=0"], ["precision.min_loss_scale", "> 0"]),
@@ -138,6 +152,26 @@ def test_cli_exits_2_when_processes_do_not_split(tmp_path):
                   "parallel.tensor_model_parallel_size=2"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "tensor_model_parallel_size=2" in result.stderr
+
+
+@pytest.mark.parametrize("overrides,stages", [
+    ([], [4]),
+    (["parallel.pipeline_model_parallel_size=2"], [2, 2]),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1"], [1, 3]),
+    (["parallel.pipeline_model_parallel_size=3", "parallel.num_layers_in_first_pipeline_stage=2"], [2, 1, 1]),
+    (["parallel.pipeline_model_parallel_size=3", "parallel.num_layers_in_first_pipeline_stage=1",
+      "parallel.num_layers_in_last_pipeline_stage=1"], [1, 2, 1]),
+])
+def test_decoder_layers_per_pipeline_stage(overrides, stages):
+    """As megatron-core's `get_num_layers_to_build` splits them (the tiny decoder: 4 layers)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from megamod.models.transformer_configs import transformer_configs
+
+    config = load_config(TINY_CONFIG, overrides)
+    assert config.pipeline_stage_layers() == stages
+    language = transformer_configs(config, on_gpu=False).language
+    assert [get_num_layers_to_build(language, pp_rank=rank) for rank in range(len(stages))] == stages
 
 
 def test_moe_layer_freq_takes_an_int_or_a_list():

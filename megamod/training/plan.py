@@ -917,8 +917,9 @@ def _stage_line(estimate: StageEstimate, micro_batches: int, largest_stage: int)
     parts += ["final norm, output layer, loss"] if stage.last else []
     parts += ["word embedding copy"] if stage.embedding_copy else []
     mark = "  <- the largest" if stage.index == largest_stage else ""
+    in_flight = stage.in_flight(micro_batches)
     return (f"stage {stage.index:<6}{'; '.join(parts)}: {estimate.counts.per_rank:,} parameters "
-            f"per GPU, {stage.in_flight(micro_batches)} micro-batch(es) in flight, "
+            f"per GPU, {in_flight} micro-batch{'es' if in_flight > 1 else ''} in flight, "
             f"{estimate.memory.total / GIB:.2f} GiB{mark}")
 
 
