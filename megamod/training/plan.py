@@ -675,9 +675,9 @@ def remedies(
             )
             layout = parallel_layout(changed.parallel, world_size)
             check_batch_split(changed, layout.dp)
-            estimates = stage_estimates(changed, shapes, layout, vocab_rows)
         except ConfigError:
             continue  # not a layout, pipeline split, model or batch this job can take
+        estimates = stage_estimates(changed, shapes, layout, vocab_rows)
         found.append((text, largest(estimates).memory.total))
     return sorted(found, key=lambda item: item[1])
 

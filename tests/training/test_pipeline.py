@@ -82,12 +82,28 @@ def _routing(save_dir, cwd) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def _generate(save_dir, cwd) -> dict:
+    """`megamod generate` (greedy, one process, the MoD-pruned KV cache) from a save_dir."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    image = cwd / "coffee.png"
+    if not image.exists():
+        Image.fromarray(np.asarray(skimage.data.coffee())).save(image)
+    result = check(run([sys.executable, "-m", "megamod", "generate", "--checkpoint", str(save_dir),
+                        "--image", str(image), "--prompt", "What is in the picture?",
+                        "--max-new-tokens", "8", "--json"], cwd))
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
     """p-MoD + MoE (tiny_moe): one process trains 6 steps, saving every 2. Its iteration-2
     checkpoint resumes at TP=2 + SP x PP=2 (EP=2, the distributed optimizer; saved at 4),
     which resumes at one process for steps 5-6: every step's loss is the uninterrupted
-    run's, and so is every evaluation (`eval.interval`). `inspect --routing` (one process) reads the PP=2 checkpoint whole: its experts
-    route the tiny data as the one-process run's iteration 4 does."""
+    run's, and so is every evaluation (`eval.interval`). `inspect --routing` and `generate` (one process each) read the PP=2 checkpoint
+    whole: its experts route the tiny data, and it answers, as the one-process run's
+    iteration 4 does."""
     common = ["train.train_iters=6", "train.lr_warmup_fraction=0.0", "logging.tensorboard_dir=null",
               "eval.interval=2", "eval.shards=[tiny]", "eval.iters=1"]
     whole = tmp_path / "whole"
@@ -102,6 +118,7 @@ def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
     pp2 = _train(4, PMOD_MOE, common + PP2_LAYOUT + [
         f"checkpoint.save_dir={resumed}", "train.train_iters=4"], tmp_path)
     routing_pp2, routing_pp1 = _routing(resumed, tmp_path), _routing(whole_at_4, tmp_path)
+    answer_pp2, answer_pp1 = _generate(resumed, tmp_path), _generate(whole_at_4, tmp_path)
     pp1 = _train(1, PMOD_MOE, common + [f"checkpoint.save_dir={resumed}"], tmp_path)
 
     assert sorted(pp2) == [3, 4] and sorted(pp1) == [5, 6]
@@ -114,6 +131,7 @@ def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
         assert "eval/loss" in evaluated and "eval/mod/kept_ratio" in evaluated
         assert {k: v for k, v in record.items() if k.startswith("eval/")} == pytest.approx(
             evaluated, rel=1e-4, abs=1e-6), step
+    assert answer_pp2["text"] == answer_pp1["text"]  # greedy: the same tokens
     pp2_routes, pp1_routes = routing_pp2["routing"], routing_pp1["routing"]
     assert pp2_routes["moe_layers"] == pp1_routes["moe_layers"] == [0, 2]  # one on each stage
     assert pp2_routes["tokens"] == pp1_routes["tokens"]

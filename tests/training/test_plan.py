@@ -149,6 +149,170 @@ def test_recomputation_keeps_less_and_adds_a_working_set():
     assert full.decoder < plain.decoder / 10 and plain.recompute_working_set == 0
 
 
+# ------------------------------------------------------------------------- pipeline stages
+
+PP2 = ["parallel.pipeline_model_parallel_size=2"]
+TIED = ["model.language.untie_embeddings_and_output_weights=false"]
+# MoE on layers 0 and 2, p-MoD's routers on the later layers: each stage holds both kinds.
+STAGED = [*MOE, "mod.enabled=true"]
+TINY_VOCAB_ROWS = 896  # the tiny tokenizer's, padded
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes() -> dict[str, list]:
+    """The STAGED tiny model's parameters as the dry run sees them (meta device, TP=1,
+    PP=1), with untied (the default) and tied embeddings."""
+    from megamod.config import load_config
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import with_vocab_size
+    from megamod.training.plan import meta_model, parameter_shapes
+
+    shapes = {}
+    for tie, overrides in (("untied", []), ("tied", TIED)):
+        config = load_config(TINY_CONFIG, STAGED + overrides)
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        with meta_model(with_vocab_size(config, TINY_VOCAB_ROWS), tokenizer) as model:
+            shapes[tie] = parameter_shapes(model)
+    return shapes
+
+
+@pytest.mark.parametrize("tie", ["untied", "tied"])
+def test_stages_split_the_parameters_of_the_whole_model(tiny_shapes, tie):
+    from megamod.config import load_config
+    from megamod.parallel import parallel_layout
+    from megamod.training.plan import WORD_EMBEDDING, count_parameters, pipeline_stages
+
+    shapes, tied = tiny_shapes[tie], tie == "tied"
+    split = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+             "parallel.expert_model_parallel_size=2",
+             "parallel.expert_tensor_parallel_size=1"]
+    extra = STAGED + split + (TIED if tied else [])
+    whole_config, config = load_config(TINY_CONFIG, extra), load_config(TINY_CONFIG, extra + PP2)
+    whole = count_parameters(shapes, parallel_layout(whole_config.parallel, 2), whole_config.moe)
+    stages = pipeline_stages(config)
+    assert [stage.layers for stage in stages] == [range(0, 2), range(2, 4)]
+    counts = [count_parameters(shapes, parallel_layout(config.parallel, 4), config.moe, stage)
+              for stage in stages]
+    # Tied: the last stage's copy of the word embedding, 896 x 128 split over TP=2.
+    copy = TINY_VOCAB_ROWS * 128 // 2 if tied else 0
+    assert sum(c.per_rank for c in counts) == whole.per_rank + copy
+    assert sum(c.per_rank_trainable for c in counts) == whole.per_rank_trainable + copy
+    # One MoE layer on each stage (layers 0 and 2), its 2 of 4 experts per GPU.
+    assert counts[0].per_rank_trainable_experts == counts[1].per_rank_trainable_experts > 0
+    assert counts[0].per_rank_trainable_experts * 2 == whole.per_rank_trainable_experts
+    assert all(c.total == whole.total and c.experts == whole.experts for c in counts)
+    for shape in shapes:
+        holders = [stage.index for stage in stages if stage.holds(shape.name)]
+        if shape.name.startswith(("vision_model.", "vision_projection.")):
+            assert holders == [0], shape.name
+        elif ".output_layer." in shape.name or ".final_layernorm." in shape.name:
+            assert holders == [1], shape.name
+        elif shape.name == WORD_EMBEDDING:
+            assert holders == ([0, 1] if tied else [0])
+        else:
+            assert len(holders) == 1, shape.name
+    assert tied or any(".output_layer." in shape.name for shape in shapes)
+
+
+def test_stage_attribution_matches_the_stages_megatron_core_builds(tiny_shapes):
+    """Each stage of a PP=2 model built in this process as megatron-core builds a rank of
+    it (parallel_state's pipeline rank and size overrides; untied: a tied last stage
+    needs the embedding group of a real pipeline) has exactly the parameters `Stage.holds`
+    gives it, its decoder layers numbered from 0. Uneven stages (1 + 3 layers): the MoE
+    layer 2 is the last stage's second."""
+    from megatron.core import parallel_state
+
+    from megamod.config import ParallelConfig, load_config
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import build_model, with_vocab_size
+    from megamod.parallel import world_of_one as one_process
+    from megamod.training.plan import pipeline_stages
+
+    config = load_config(TINY_CONFIG, STAGED + PP2 + ["parallel.num_layers_in_first_pipeline_stage=1"])
+    config = with_vocab_size(config, TINY_VOCAB_ROWS)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    whole = {shape.name: shape.numel for shape in tiny_shapes["untied"]}
+    stages = pipeline_stages(config)
+    assert [len(stage.layers) for stage in stages] == [1, 3]
+    with one_process(ParallelConfig(), config.train.seed, "tests"):
+        parallel_state.set_pipeline_model_parallel_world_size(2)
+        try:
+            for stage in stages:
+                parallel_state.set_pipeline_model_parallel_rank(stage.index)
+                with torch.device("meta"):
+                    model = build_model(config, tokenizer)
+                built = {
+                    re.sub(r"(language_model\.decoder\.layers\.)(\d+)",
+                           lambda m: f"{m.group(1)}{int(m.group(2)) + stage.layers.start}", name):
+                    param.numel()
+                    for name, param in model.named_parameters()
+                }
+                assert built == {name: n for name, n in whole.items() if stage.holds(name)}
+        finally:
+            parallel_state.set_pipeline_model_parallel_world_size(None)
+            parallel_state.set_pipeline_model_parallel_rank(None)
+
+
+def test_1f1b_keeps_more_micro_batches_on_earlier_stages():
+    from megamod.config import load_config
+    from megamod.training.plan import LOCAL, activation_bytes, pipeline_stages, whole_model
+
+    whole_config, config = load_config(TINY_CONFIG, BF16), load_config(TINY_CONFIG, BF16 + PP2)
+    whole = activation_bytes(whole_config, TINY_VOCAB_ROWS, LOCAL)
+    first, last = pipeline_stages(config)
+    head, tail = (activation_bytes(config, TINY_VOCAB_ROWS, LOCAL, stage, micro_batches=4)
+                  for stage in (first, last))
+    # Stage 0 of 2 runs one warm-up forward: two micro-batches' activations at once.
+    assert (head.in_flight, tail.in_flight) == (2, 1)
+    assert head.peak == 2 * head.saved and tail.peak == tail.saved + tail.logits_transient
+    assert activation_bytes(config, TINY_VOCAB_ROWS, LOCAL, first, micro_batches=1).in_flight == 1
+    # One micro-batch's share: the ViT and embedding first, the loss and logits last, the
+    # layers split; stage 0 also holds its output (bf16, 2 x 128 tokens x 128) until its
+    # backward.
+    assert head.layers + tail.layers == whole.layers
+    assert (head.vision, head.embedding, tail.loss, tail.logits_transient) == \
+        (whole.vision, whole.embedding, whole.loss, whole.logits_transient)
+    assert tail.vision == tail.embedding == head.loss == head.logits_transient == 0
+    assert head.decoder == sum(whole.layers[:2]) + 2 * 2 * 128 * 128
+    assert tail.decoder == sum(whole.layers[2:])
+    # PP=1: one micro-batch at a time whatever the accumulation.
+    many = activation_bytes(whole_config, TINY_VOCAB_ROWS, LOCAL, whole_model(whole_config), 8)
+    assert many.in_flight == 1 and many.peak == whole.peak
+
+
+def test_block_recompute_starts_at_each_stages_first_layer():
+    from megamod.config import load_config
+    from megamod.training.plan import activation_bytes, pipeline_stages
+
+    uneven = [*BF16, *MOE, *PP2, "parallel.num_layers_in_first_pipeline_stage=1"]
+    plain = activation_bytes(load_config(TINY_CONFIG, BF16 + MOE), TINY_VOCAB_ROWS)
+    config = load_config(TINY_CONFIG, uneven + ["train.recompute_granularity=full",
+                                                "train.recompute_method=block",
+                                                "train.recompute_num_layers=1"])
+    _, last = pipeline_stages(config)
+    tail = activation_bytes(config, TINY_VOCAB_ROWS, stage=last)
+    # The last stage recomputes its own first layer, layer 1 (dense), not the model's
+    # first (MoE, larger).
+    assert tail.recompute_working_set == plain.layers[1] < plain.layers[0]
+    assert tail.decoder < sum(plain.layers[1:])
+
+
+def test_remedies_double_the_pipeline_only_where_it_splits(tiny_shapes):
+    from megamod.config import load_config
+    from megamod.training.plan import remedies
+
+    def offers(overrides: list[str], world_size: int) -> list[str]:
+        config = load_config(TINY_CONFIG, STAGED + overrides)
+        return [text for text, _ in remedies(config, tiny_shapes["untied"], world_size,
+                                             TINY_VOCAB_ROWS)]
+
+    assert "raise parallel.pipeline_model_parallel_size to 2" in offers([], 2)
+    assert "raise parallel.pipeline_model_parallel_size to 4" in offers(PP2, 8)  # 1 layer a stage
+    assert not any("pipeline" in text for text in offers(PP2, 2))  # 2 GPUs, 4 stages
+    first_three = PP2 + ["parallel.num_layers_in_first_pipeline_stage=3"]
+    assert not any("pipeline" in text for text in offers(first_three, 8))  # 1 layer, 3 stages
+
+
 # ------------------------------------------------------------------------- TP=2 worker
 
 
@@ -286,6 +450,44 @@ def test_cli_names_what_to_change_when_it_does_not_fit(stand_in, capsys):
     for fix in ("train.recompute_granularity=selective train.recompute_modules=[moe]",
                 "lower train.micro_batch_size to 4", "raise parallel.tensor_model_parallel_size to 4"):
         assert fix in err
+
+
+def test_cli_plans_pipeline_stages(stand_in, capsys):
+    config = REPO / "examples/configs/pmod/llava15_7b.yaml"
+    # 16 GPUs at TP=2: DP 8 at PP=1, DP 4 at PP=2; 96 rows split over both.
+    args = [config, *stand_in, "train.global_batch_size=96", "--dry-run", "--world-size", "16"]
+    reports = {}
+    for pp in (1, 2):
+        code, out, err = run_cli(capsys, *args, f"parallel.pipeline_model_parallel_size={pp}",
+                                 "--json")
+        assert code == 0, err
+        reports[pp] = json.loads(out)
+    whole, staged = reports[1], reports[2]
+    held = [sum(report["memory_bytes"][key] for key in ("weights", "gradients", "optimizer"))
+            for report in (whole, staged)]
+    assert held[1] < held[0]
+    # Stage 0 holds half the decoder (and the ViT, projector, embedding); the distributed
+    # optimizer's share stays: half the parameters over half the DP ranks.
+    for key in ("weights", "gradients"):
+        assert staged["memory_bytes"][key] < 0.55 * whole["memory_bytes"][key], key
+    assert staged["memory_bytes"]["optimizer"] == \
+        pytest.approx(whole["memory_bytes"]["optimizer"], rel=0.01)
+    assert [stage["decoder_layers"] for stage in staged["stages"]] == [16, 16]
+    assert [stage["micro_batches_in_flight"] for stage in staged["stages"]] == [2, 1]  # 6 a step
+    assert len(whole["stages"]) == 1 and whole["stages"][0]["micro_batches_in_flight"] == 1
+    # Untied embeddings: every parameter on one stage, the output layer on the last.
+    assert sum(stage["parameters_per_gpu"] for stage in staged["stages"]) == \
+        whole["parameters"]["per_rank"]
+    largest = max(staged["stages"], key=lambda stage: stage["total_bytes"])
+    assert staged["stage"] == largest["stage"]
+    assert staged["memory_bytes"]["total"] == largest["total_bytes"]
+    code, out, err = run_cli(capsys, *args, "parallel.pipeline_model_parallel_size=2")
+    assert code == 0, err
+    assert "16 GPUs = TP 2 x PP 2 x DP 4, sequence parallel" in out
+    assert re.search(r"stage 0 +vision encoder, projector, embedding; decoder layers 0-15: "
+                     r"[\d,]+ parameters per GPU, 2 micro-batches in flight", out), out
+    assert re.search(r"stage 1 +decoder layers 16-31; final norm, output layer, loss: "
+                     r"[\d,]+ parameters per GPU, 1 micro-batch in flight", out), out
 
 
 @pytest.mark.parametrize("overrides, world_size, message", [
