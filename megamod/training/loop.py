@@ -31,7 +31,12 @@ from megamod.models.llava import LLaVA
 from megamod.parallel import check_device_support, collective_device, dist_env_from
 from megamod.training import checkpoint
 from megamod.training.flops import StepFlops
-from megamod.training.forward import forward_step, step_totals, to_device
+from megamod.training.forward import (
+    agree_within_tensor_parallel_group,
+    forward_step,
+    step_totals,
+    to_device,
+)
 from megamod.training.logging import MetricsLogger
 from megamod.training.optimizer import apply_update, build_optimizer, build_scheduler, wrap_model
 from megamod.training.loss_scaler import loss_scaler
@@ -343,7 +348,7 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
     losses, stopped_early = [], False
     while state.iteration < train_cfg.train_iters:
         start = time.perf_counter()
-        micro_batches = state.loader.next_step()
+        micro_batches = agree_within_tensor_parallel_group(state.loader.next_step())
         flops, tokens = step_flops(micro_batches), token_counts(micro_batches)
         step = train_step(state, micro_batches)
         state.iteration += 1

@@ -965,14 +965,13 @@ def format_plan(plan: Plan) -> str:
                   if activations.recompute_working_set > activations.logits_transient
                   else "the logits")
     in_flight = activations.in_flight
-    each = "each" if in_flight > 1 else ""
+    flight, each = (f" x {in_flight} in flight", "each") if in_flight > 1 else ("", "")
     rows = [
         (f"weights ({config.precision.params_dtype})", memory.weights, ""),
         ("gradients (fp32 DDP buffers)", memory.gradients, ""),
         (f"optimizer (Adam, fp32{'' if distributed else ', not'} distributed)", memory.optimizer,
          f"({'not ' if distributed else ''}distributed: {other / GIB:.2f})"),
-        (f"activations (micro-batch {train.micro_batch_size}"
-         f"{f' x {in_flight} in flight' if in_flight > 1 else ''})", activations.peak, ""),
+        (f"activations (micro-batch {train.micro_batch_size}{flight})", activations.peak, ""),
         ("  vision encoder and projector", activations.vision, each),
         (f"  decoder (recompute: {Recompute.of(train).describe()})", activations.decoder, each),
         ("  loss and embeddings", activations.loss + activations.embedding, each),
@@ -982,7 +981,7 @@ def format_plan(plan: Plan) -> str:
          f"of {plan.budget / GIB:g}: " + ("fits" if plan.fits else "DOES NOT FIT")),
     ]
     where = "" if layout.pp == 1 else f", stage {plan.peak.stage.index}"
-    lines += ["", f"{'memory per GPU (' + TRANSFORMER_ENGINE.name + ' kernels' + where + ')':<52}"
-              f"{'GiB':>8}"]
+    header = f"memory per GPU ({TRANSFORMER_ENGINE.name} kernels{where})"
+    lines += ["", f"{header:<52}{'GiB':>8}"]
     lines += [f"  {label:<50}{value / GIB:>8.2f}   {note}".rstrip() for label, value, note in rows]
     return "\n".join(lines)

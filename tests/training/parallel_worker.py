@@ -5,6 +5,9 @@
   parallel_worker.py logits OUT_DIR CKPT    logits of a fixed batch after loading CKPT:
                                             its model weights at TP=world size, then all
                                             of it (optimizer too) at TP=1
+  parallel_worker.py agreement OUT_DIR      (2 processes, TP=2) the TP ranks' batches
+                                            made one: images another decoder produced on
+                                            one rank replaced, differing tokens refused
   parallel_worker.py precision OUT_DIR      a few training steps (a NaN injected into one
                                             step) in fp32, bf16 and fp16 at TP=1, and bf16
                                             at TP=2 + SP: per-step metrics and the first
@@ -136,12 +139,47 @@ def precision(out_dir: Path) -> None:
             torch.save(result, out_dir / f"precision_{name}.pt")
 
 
+def agreement(out_dir: Path) -> None:
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.errors import DataError
+    from megamod.training.forward import agree_within_tensor_parallel_group
+    from megamod.training.loop import build_loader
+
+    config = start(2, True)
+    loader = build_loader(config, load_tokenizer(config.data.tokenizer))
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    result = {}
+    # The same step, decoded alike: handed back untouched.
+    batches = loader.next_step()
+    result["alike_untouched"] = agree_within_tensor_parallel_group(batches) is batches
+    # Rank 1 decoded the images with another interpolation (DALI's Pillow fallback).
+    batches = loader.next_step()
+    if rank == 1:
+        for b in batches:
+            b["images"] += 1e-3
+    result["decoded"] = [b["images"].clone() for b in batches]
+    result["images"] = [b["images"] for b in agree_within_tensor_parallel_group(batches)]
+    # Rank 1 read one token differently (a sample it could not read, replaced).
+    batches = loader.next_step()
+    if rank == 1:
+        batches[0]["tokens"][0, -1] += 1
+    try:
+        agree_within_tensor_parallel_group(batches)
+        result["refused"] = None
+    except DataError as e:
+        result["refused"] = str(e)
+    loader.close()
+    torch.save(result, out_dir / f"agreement_rank{rank}.pt")
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "grads":
         grads(out)
     elif mode == "precision":
         precision(out)
+    elif mode == "agreement":
+        agreement(out)
     else:
         logits(out, Path(sys.argv[3]))
     torch.distributed.barrier()

@@ -33,3 +33,18 @@ def test_loss_and_gradients_match_single_process(results, layout):
     for name, ref_grad in reference["grads"].items():
         assert ref_grad.abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(other["grads"][name], ref_grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_tensor_parallel_ranks_use_one_set_of_batches(tmp_path):
+    """The TP ranks of a DP rank build their batches independently: images one of them
+    decoded otherwise (DALI's Pillow fallback) become the first rank's, tokens that differ
+    (a sample only one could read) stop the run, naming the cause."""
+    torchrun(2, [WORKER, "agreement", str(tmp_path)], cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"agreement_rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        assert result["alike_untouched"]
+        for agreed, first in zip(result["images"], ranks[0]["decoded"]):
+            assert torch.equal(agreed.cpu(), first)
+        assert "tensor-parallel ranks" in result["refused"]
+        assert "built different batches" in result["refused"]
+    assert not torch.equal(ranks[1]["decoded"][0], ranks[0]["decoded"][0])  # rank 1 differed
