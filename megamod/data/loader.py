@@ -203,6 +203,12 @@ class _Step:
     counts: DataCounts  # up to and including this step
     samples: int  # samples of the global stream the step consumed (all DP ranks)
 
+    def __post_init__(self) -> None:
+        # On a GPU machine, page-locked host memory, so that the loop's non-blocking copies
+        # to the GPU overlap its compute; pinned here, in the loader's thread.
+        if torch.cuda.is_available():
+            self.batches = [{k: v.pin_memory() for k, v in b.items()} for b in self.batches]
+
 
 class TrainLoader:
     """Resumable, DP-sharded micro-batches over shard sources (see the module docstring)."""
