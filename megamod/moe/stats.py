@@ -23,8 +23,6 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.moe import moe_utils
 
-from megamod.parallel import collective_device
-
 MODALITIES = ("text", "image")
 
 
@@ -69,10 +67,11 @@ class RoutingStats:
             self.forwards[layer] += 1
             self.topk = topk
 
-    def all_reduce(self, group: torch.distributed.ProcessGroup) -> None:
+    def all_reduce(self, group: torch.distributed.ProcessGroup, device: torch.device) -> None:
         """Sum over the ranks that hold different tokens (sequence- and data-parallel
-        `group`) and over the pipeline stages (each holds its own layers' rows)."""
-        packed = torch.cat([self.counts.flatten(), self.tokens.flatten()])
+        `group`) and over the pipeline stages (each holds its own layers' rows), on the
+        collectives' `device` (a stage without MoE layers recorded nothing there)."""
+        packed = torch.cat([self.counts.flatten(), self.tokens.flatten()]).to(device)
         torch.distributed.all_reduce(packed, group=group)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(packed, group=parallel_state.get_pipeline_model_parallel_group())
@@ -109,16 +108,17 @@ class RoutingStats:
         out["moe/dropped_fraction"] = float(self.dropped_fraction().mean())
         return out
 
-    def loss_scalars(self) -> dict[str, float]:
+    def loss_scalars(self, device: torch.device) -> dict[str, float]:
         """megatron-core's aux-loss tracker (unscaled load-balancing loss, 1.0 = balanced;
         z-loss) per MoE layer and their mean, averaged over the micro-batches recorded since
         the last reset, then cleared. Collective over the ranks of the step; the z-loss is
-        this rank's (upstream tracks it without a reduction group)."""
+        this rank's (upstream tracks it without a reduction group). `device`: where the
+        collectives' tensors live."""
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         forwards = self.forwards
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            forwards = self._pipeline_forwards()
-            self._same_names_on_every_stage(tracker)
+            forwards = self._pipeline_forwards(device)
+            self._same_names_on_every_stage(tracker, device)
         if not tracker:
             return {}
         moe_utils.reduce_aux_losses_tracker_across_ranks()
@@ -134,14 +134,14 @@ class RoutingStats:
         moe_utils.clear_aux_losses_tracker()
         return out
 
-    def _pipeline_forwards(self) -> torch.Tensor:
+    def _pipeline_forwards(self, device: torch.device) -> torch.Tensor:
         """Forwards per layer as the stage holding the layer counted them."""
-        forwards = self.forwards.to(collective_device())
+        forwards = self.forwards.to(device)
         torch.distributed.all_reduce(forwards, op=torch.distributed.ReduceOp.MAX,
                                      group=parallel_state.get_pipeline_model_parallel_group())
         return forwards
 
-    def _same_names_on_every_stage(self, tracker: dict) -> None:
+    def _same_names_on_every_stage(self, tracker: dict, device: torch.device) -> None:
         """megatron-core all-reduces each tracked loss over the pipeline stages by name, and
         a stage without MoE layers (or without a z-loss) tracks none: it would wait in
         another collective than the others (the hang of Megatron-LM PR #3401). Every stage
@@ -151,7 +151,7 @@ class RoutingStats:
             names, sorted(tracker), group=parallel_state.get_pipeline_model_parallel_group())
         for name in sorted(set().union(*names) - set(tracker)):
             moe_utils.save_to_aux_losses_tracker(
-                name, torch.zeros((), device=collective_device()), 1, len(self.forwards))
+                name, torch.zeros((), device=device), 1, len(self.forwards))
 
     def heatmap(self, cell: int = 12) -> np.ndarray:
         """An RGB image [3, H, W] for TensorBoard: layers down, experts across; panels

@@ -135,8 +135,8 @@ def moe_metrics(
     the steps since the last log, and the expert-load heatmap when due. Collective: every
     rank calls it at every log step."""
     stats = model.routing_stats
-    scalars = stats.loss_scalars()
-    stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group())
+    scalars = stats.loss_scalars(collective_device())
+    stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group(), collective_device())
     scalars.update(stats.scalars())
     images = {}
     if heatmap_interval and iteration % heatmap_interval == 0:

@@ -26,6 +26,7 @@ from megatron.core.utils import unwrap_model
 from megamod.config import Config
 from megamod.data.loader import TrainLoader, build_eval_loaders
 from megamod.data.tokenizer import Tokenizer
+from megamod.parallel import collective_device
 from megamod.training.forward import (
     agree_within_tensor_parallel_group,
     forward_step,
@@ -57,7 +58,8 @@ class Validator:
             if len(totals) > 1:
                 scalars.update({f"eval/loss/{i}": _mean(t) for i, t in enumerate(totals)})
             if llava.routing_stats is not None:
-                llava.routing_stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group())
+                llava.routing_stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group(),
+                                               collective_device())
                 scalars.update({f"eval/{k}": v for k, v in llava.routing_stats.scalars().items()})
             if llava.mod_stats is not None:
                 llava.mod_stats.gather_pipeline_stages()

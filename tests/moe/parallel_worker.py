@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import unwrap_model
 
+from megamod.parallel import collective_device
 from megamod.training import checkpoint
 from megamod.training.loop import forward_backward, setup
 from tests.training.parallel_worker import gather_tp, start
@@ -93,7 +94,7 @@ def step_grads(config, init_dir: Path | None) -> dict:
         checkpoint.load_model_weights(init_dir, model)
     totals = forward_backward(state, state.loader.next_step())
     stats = model.routing_stats
-    stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group())  # as the loop does
+    stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group(), collective_device())  # as the loop does
     return {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item(),
             "dropped": float(stats.dropped_fraction().mean()),
             **gradients(config, model), "model": model, "state": state}

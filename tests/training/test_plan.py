@@ -421,6 +421,28 @@ def test_every_real_size_config_fits_at_its_documented_gpu_count(stand_in, name)
     assert not Path(stand_in[-1].split("=", 1)[1]).exists()  # save_dir untouched
 
 
+# "#   16 GPUs: key=value ... -> 36.7 GiB, TP 2 x DP 8 x 3 ..." in a real-size config's header.
+_LAYOUT_LINE = re.compile(r"^#   (\d+) GPUs: (.*?) -> ([\d.]+) GiB, (.*)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_the_layouts_a_real_size_config_recommends_fit_as_it_says(stand_in, name):
+    """Each config names a layout for 8, 16 and 64 GPUs: each is one the run takes (layout,
+    batch split), fits 80 GB, and has the size, parallel split and micro-batches per step
+    the comment gives."""
+    text = (REPO / f"examples/configs/{name}.yaml").read_text()
+    layouts = _LAYOUT_LINE.findall(text)
+    assert [int(gpus) for gpus, *_ in layouts] == [8, 16, 64]
+    for gpus, overrides, gib, split in layouts:
+        extra = [] if overrides == "as above" else overrides.split()
+        plan = _plan(stand_in + extra, int(gpus), name)
+        assert plan.fits and plan.memory.total / 2**30 == pytest.approx(float(gib), abs=0.05), (gpus, split)
+        train, layout = plan.config.train, plan.layout
+        steps = train.global_batch_size // (train.micro_batch_size * layout.dp)
+        assert f"DP {layout.dp} x {steps}" in split, (gpus, split)
+        assert (f"PP {layout.pp}" in split) == (layout.pp > 1), (gpus, split)
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     from megamod.__main__ import main
 
