@@ -108,6 +108,18 @@ def run(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return logits, loss.detach(), grads
 
 
+def assert_logits_per_sample(logits, ref_logits, rows: list[list[dict]], tolerance: float) -> None:
+    """Each packed sample's logits are its logits when alone in a row."""
+    i = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            n = len(s["tokens"])
+            torch.testing.assert_close(logits[r, start : start + n], ref_logits[i, :n],
+                                       atol=tolerance, rtol=tolerance)
+            start, i = start + n, i + 1
+
+
 def check_rotary_follows_positions(model) -> None:
     """The angles the decoder gets are those of each token's position (attention scores
     only see position differences, so the equality test alone cannot show this)."""
@@ -155,13 +167,7 @@ def test_packed_rows_equal_one_sample_a_row(variant):
         packed_kept = model.mod_stats.scalars() if model.mod_stats else None
         packed_routed = routed(model)
 
-    i = 0
-    for r, row in enumerate(rows):
-        start = 0
-        for s in row:
-            n = len(s["tokens"])
-            torch.testing.assert_close(logits[r, start : start + n], ref_logits[i, :n], atol=1e-5, rtol=1e-5)
-            start, i = start + n, i + 1
+    assert_logits_per_sample(logits, ref_logits, rows, tolerance=1e-5)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)
     assert set(grads) == set(ref_grads)
     for name, ref in ref_grads.items():
@@ -222,13 +228,7 @@ def test_packed_rows_in_bf16_with_a_sentencepiece_tokenizer(llama_sp_tokenizer):
         assert model.mod_stats.scalars() == pytest.approx(reference_kept, abs=1e-7)
 
     assert ref_logits.dtype == torch.bfloat16
-    i = 0
-    for r, row in enumerate(rows):
-        start = 0
-        for s in row:
-            n = len(s["tokens"])
-            torch.testing.assert_close(logits[r, start : start + n], ref_logits[i, :n], atol=1e-2, rtol=1e-2)
-            start, i = start + n, i + 1
+    assert_logits_per_sample(logits, ref_logits, rows, tolerance=1e-2)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=0)
     assert set(grads) == set(ref_grads)
     for name, ref in ref_grads.items():
