@@ -6,7 +6,7 @@ states and streams, calls `Tensor.cuda()`, and allocates small bookkeeping tenso
 to the CPU, and is called by `megamod.parallel` only when CUDA is absent, so the GPU
 path runs megatron-core untouched.
 
-Three mechanisms, each the narrowest that works:
+Four mechanisms, each the narrowest that works:
 1. `torch.cuda` functions that cannot work without CUDA (they raise on a CPU build) are
    replaced by CPU equivalents. Nothing that worked before changes meaning.
 2. Modules that allocate with a literal `device="cuda"` get a proxy for their global
@@ -17,6 +17,8 @@ Three mechanisms, each the narrowest that works:
    dispatcher's split sizes) or wrapped (the mixed-precision and distributed optimizers'
    parameter sorting, which names CUDA tensor types; the distributed optimizer's state
    loading, which misses torch AdamW's per-parameter step).
+4. One torch setting: inductor's CPU kernels compile without the precompiled header that
+   concurrent ranks would race on.
 
 gloo needs no shim: with overlap off, megatron-core's DDP and distributed optimizer call
 `reduce_scatter_tensor` and `all_gather_into_tensor` (in `_coalescing_manager`), which
@@ -296,6 +298,18 @@ def _patch_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _no_shared_precompiled_headers() -> None:
+    """Mechanism 4: megatron-core's `jit_fuser` is `torch.compile` (activations.py's
+    `quick_gelu`, the CLIP encoder's activation, among others), and on a CPU inductor
+    compiles C++ with a precompiled header kept in its cache directory, shared by every
+    process of the machine. Ranks that compile a new kernel at once race on writing that
+    header and one of them can read it half-written (g++: "'at::vec' has not been
+    declared"). Compile without it: each kernel's own includes."""
+    import torch._inductor.config
+
+    torch._inductor.config.cpp_cache_precompile_headers = False
+
+
 def apply() -> None:
     """Apply every CPU patch once. Must run before any megatron-core model is built."""
     global _applied
@@ -310,4 +324,5 @@ def apply() -> None:
     _patch_float16_optimizer()
     _patch_distributed_optimizer()
     _patch_moe()
+    _no_shared_precompiled_headers()
     _applied = True
