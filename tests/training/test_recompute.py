@@ -251,6 +251,9 @@ def test_mod_layers_recompute_their_norms(world, batch, references, monkeypatch)
     (["train.recompute_granularity=selective", "train.recompute_modules=[attn]"],
      "recompute_modules\\[0\\]='attn' is not one of"),
     (["train.recompute_granularity=partial"], "recompute_granularity='partial' is not one of"),
+    # Groups form within each pipeline stage (here one, of all 4 layers).
+    (FULL + ["train.recompute_method=uniform", "train.recompute_num_layers=3"],
+     r"recompute_num_layers=3 layers within each pipeline stage, which hold \[4\] decoder layers"),
 ])
 def test_config_refuses(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -260,8 +263,6 @@ def test_config_refuses(overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (FULL + ["train.recompute_method=block", "train.recompute_num_layers=5"],
      "recompute_num_layers=5 exceeds model.language.num_layers=4"),
-    (FULL + ["train.recompute_method=uniform", "train.recompute_num_layers=3"],
-     "does not divide model.language.num_layers=4"),
     (["train.recompute_granularity=selective", "train.recompute_modules=[moe]"], "no MoE layers"),
     (["moe.num_experts=4", "train.recompute_granularity=selective",
       "train.recompute_modules=[moe_act]"],
