@@ -50,6 +50,9 @@ def _pipeline(config: Config) -> dict:
         # this beside its default token dispatcher (allgather) even in a dense decoder,
         # which dispatches nothing: name the other one there (MoE configs name their own).
         variable_seq_lengths=True,
+        # A stage's output, once sent on, keeps only its autograd node (Megatron-LM's
+        # default): the activation itself is not held until its backward.
+        deallocate_pipeline_outputs=True,
         **({"moe_token_dispatcher_type": "alltoall"} if config.moe.num_experts is None else {}),
     )
 

@@ -40,10 +40,9 @@ and output (flash or SDPA kernels: no score matrix), the MLP's or experts' inter
 (experts: the top-k copies of each token, assuming balanced routing), p-MoD's router and
 merge inputs with its layers run at their kept tokens (`megamod.mod.schedule.layer_ratios`);
 on the first stage the ViT at its patch tokens and the projector when they train, on the
-last the fp32 softmax of the vocabulary-parallel cross entropy, and on every other stage
-its output, which the schedule holds until its backward (megatron-core's
-`deallocate_pipeline_outputs` is off). A stage's received input is what its first layer
-(or recomputed group) keeps. Tensor-parallel parts divide by TP; with sequence
+last the fp32 softmax of the vocabulary-parallel cross entropy (a stage's output, once
+sent on, is freed: `deallocate_pipeline_outputs`, as in Megatron-LM). A stage's received
+input is what its first layer (or recomputed group) keeps. Tensor-parallel parts divide by TP; with sequence
 parallelism the rest does too. Two kernel sets differ in what norms and SwiGLU keep:
 `LOCAL` (megatron-core's local spec, what megamod runs on CPU: the test measures it
 against `torch.autograd.graph.saved_tensors_hooks`) and `TRANSFORMER_ENGINE` (the GPU
@@ -309,7 +308,7 @@ class Activations:
 
     vision: float  # ViT and projector (first stage; only when they, or the ViT, train)
     # What the stage's decoder layers keep through the forward (checkpoints, under full
-    # recompute); before the last stage, also its output, held until its backward.
+    # recompute).
     decoder: float
     loss: float  # last stage: final norm, output layer input, the cross entropy's fp32 softmax
     embedding: float  # first stage: token ids and the image mask
@@ -538,8 +537,6 @@ def activation_bytes(
         loss += g.act * local * language.hidden_size * g.trains.language  # output layer input
         loss += tokens * (_FP32 * vocab_rows / tp + 9)  # fp32 softmax, target mask and indices
         logits = g.act * tokens * vocab_rows / tp
-    else:  # the output sent on: megatron-core's schedule keeps it (deallocate_pipeline_outputs off)
-        decoder += g.act * local * language.hidden_size
     return Activations(
         vision=_vision(g, config, g.batch * IMAGES_PER_SAMPLE) if stage.first else 0.0,
         decoder=decoder,
