@@ -6,7 +6,7 @@
                                      weights at PP=2 with DP=2 (and EP=2 for MoE), and at
                                      TP=2 + SP x PP=2 (and EP=2 for MoE)
 
-Variants: dense, MoE (aux + z loss: the routers' gradients carry them from both stages),
+Variants: dense (untied, and tied embeddings), MoE (aux + z loss: the routers' gradients carry them from both stages),
 MoD (PRD; micro-batches mixing text-only, one- and two-image samples) and MoD + MoE on
 packed rows. The MoD micro-batches are built alike on every rank, so MoD runs at DP=1 only.
 Gradients are stored under global names (decoder layers by global number, experts by
@@ -32,12 +32,16 @@ TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=t
 EP2 = ["parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"]
 VARIANTS = {
     "dense": [],
+    # The output layer shares the embedding's weight: at PP=2 the last stage holds a copy,
+    # its gradient all-reduced with the first stage's (megatron-core's embedding group).
+    "tied": ["model.language.untie_embeddings_and_output_weights=false"],
     "moe": MOE,
     "mod": mod_worker.MOD + mod_worker.VARIANTS["mod"],
     "mod_moe": mod_worker.MOD + mod_worker.VARIANTS["mod_moe"],
 }
 LAYOUTS = {
     "dense": {"pp2_dp2": PP2, "tp2_sp_pp2": TP2_SP + PP2},
+    "tied": {"pp2_dp2": PP2},
     "moe": {"pp2_dp2_ep2": PP2 + EP2, "tp2_sp_pp2_ep2": TP2_SP + PP2 + EP2},
     "mod": {"tp2_sp_pp2": TP2_SP + PP2},
     "mod_moe": {"tp2_sp_pp2_ep2": TP2_SP + PP2 + EP2},

@@ -1,6 +1,7 @@
 """Pipeline parallelism gives the loss and every gradient of one process: megatron-core's
 1F1B schedule over two stages (the vision encoder, projector and embedding on the first,
-the output layer and loss on the second, two decoder layers each), for a dense decoder,
+the output layer and loss on the second, two decoder layers each), for a dense decoder
+(with its output layer apart from the embedding, and tied to it),
 MoE with EP=2 (aux + z losses from both stages), MoD (PRD, its layers on both stages) and
 MoD + MoE on packed rows; at PP=2 x DP=2 and at TP=2 + SP x PP=2. fp32 on CPU, through
 setup() -> megatron-core DDP -> the schedule -> finalize_model_grads.
@@ -28,8 +29,9 @@ def results(tmp_path_factory):
     return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
 
 
-CASES = ["dense_pp2_dp2", "dense_tp2_sp_pp2", "moe_pp2_dp2_ep2", "moe_tp2_sp_pp2_ep2",
-         "mod_tp2_sp_pp2", "mod_moe_tp2_sp_pp2_ep2"]
+CASES = ["dense_pp2_dp2", "dense_tp2_sp_pp2", "tied_pp2_dp2", "moe_pp2_dp2_ep2",
+         "moe_tp2_sp_pp2_ep2", "mod_tp2_sp_pp2", "mod_moe_tp2_sp_pp2_ep2"]
+EMBEDDING, OUTPUT = "language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -39,6 +41,9 @@ def test_pp2_matches_single_process(results, case):
     assert other["tokens"] == reference["tokens"] > 0
     assert other["loss"] == pytest.approx(reference["loss"], abs=1e-5)
     assert other["disagreeing"] == [], "replicas on different ranks disagree"
+    if variant == "tied":  # the last stage's copy got the same (all-reduced) gradient
+        assert OUTPUT not in reference["grads"]
+        torch.testing.assert_close(other["grads"].pop(OUTPUT), other["grads"][EMBEDDING])
     # Every parameter of both stages: the vision encoder's (first) and the output layer's
     # (last) among them, each decoder layer under its global number.
     assert set(other["grads"]) == set(reference["grads"])
