@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -197,13 +198,30 @@ class _Counts:
         self.truncated += other.truncated
 
 
+def step_fingerprint(batches: Sequence[dict[str, torch.Tensor]]) -> list[int]:
+    """What tells two ranks' builds of one step apart: a digest of every tensor but the
+    images, and the images' fp64 sum and norm as int64 bits (hashing ~100 MB of pixels a
+    step would take ~0.1 s; another decoder's interpolation changes both)."""
+    digest = hashlib.blake2b(digest_size=7)  # 56 bits: a non-negative int64
+    for batch in batches:
+        for key in sorted(k for k in batch if k != "images"):
+            digest.update(batch[key].contiguous().numpy().tobytes())
+    pixels = torch.stack([torch.stack([b["images"].sum(dtype=torch.float64),
+                                       torch.linalg.vector_norm(b["images"], dtype=torch.float64)])
+                          for b in batches]).sum(0)
+    return [int.from_bytes(digest.digest(), "little"), *pixels.view(torch.int64).tolist()]
+
+
 @dataclass
 class _Step:
     batches: list[dict[str, torch.Tensor]]
     counts: DataCounts  # up to and including this step
     samples: int  # samples of the global stream the step consumed (all DP ranks)
+    # `step_fingerprint(batches)`, taken here in the loader's thread, off the training loop's.
+    fingerprint: list[int] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.fingerprint = step_fingerprint(self.batches)
         # On a GPU machine, page-locked host memory, so that the loop's non-blocking copies
         # to the GPU overlap its compute; pinned here, in the loader's thread.
         if torch.cuda.is_available():
@@ -256,6 +274,7 @@ class TrainLoader:
         self.counts = DataCounts()  # for the steps returned so far
         self.last_wait = 0.0  # seconds the latest next_step() blocked
         self.last_step_samples = 0  # samples the latest step consumed (all DP ranks)
+        self.last_fingerprint: list[int] = []  # `step_fingerprint` of the latest step
         # Packing reads past a step's end to find it: those samples, prepared, by position,
         # for the next step (filled and read by whichever thread builds steps).
         self._lookahead: dict[int, tuple[_Prepared, _Counts]] = {}
@@ -281,6 +300,7 @@ class TrainLoader:
         self.last_wait = time.perf_counter() - start
         self.consumed_samples += step.samples
         self.last_step_samples = step.samples
+        self.last_fingerprint = step.fingerprint
         self.counts = step.counts
         return step.batches
 

@@ -680,7 +680,8 @@ def _optimizer_tensors_as_saved(
     (non-persistent values unwrapped). Main params that a plain fp32 optimizer saved as
     the model's weights are the model's parameters themselves (loaded first, in place)."""
     saved_keys = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    model_weights = {_place(t): t.data for t in nested_values(model_state) if isinstance(t, ShardedBase)}
+    model_weights = {_place(t.key, t): t.data for t in nested_values(model_state)
+                     if isinstance(t, ShardedBase)}
     renames = (("optimizer.state.fp32_param.", "optimizer.state.param."),
                ("optimizer.state.param.", "optimizer.state.fp32_param."))
     flat: dict[str, Any] = {}
@@ -700,7 +701,7 @@ def _optimizer_tensors_as_saved(
             return [split(v) for v in x]
         if isinstance(x, ShardedBase):
             key = saved_key(x.key)
-            weight = model_weights.get(_place(dataclasses.replace(x, key=key)))
+            weight = model_weights.get(_place(key, x))
             if weight is not None:
                 return weight
             flat[str(len(flat))] = dataclasses.replace(x, key=key)
@@ -710,12 +711,12 @@ def _optimizer_tensors_as_saved(
     return flat, split(request)
 
 
-def _place(sharded: ShardedBase) -> tuple:
-    """What tells one model tensor's entry from another's: the experts of a MoE layer share
-    one key, each at its own offset of the expert axis (a ShardedTensor) or with a builder
-    of its own (a ShardedTensorFactory, e.g. a SwiGLU expert's fc1, which an optimizer's
-    entry for it copies)."""
-    return sharded.key, getattr(sharded, "global_offset", None), id(getattr(sharded, "build_fn", None))
+def _place(key: str, sharded: ShardedBase) -> tuple:
+    """What tells one model tensor's entry under `key` from another's: the experts of a MoE
+    layer share one key, each at its own offset of the expert axis (a ShardedTensor) or with
+    a builder of its own (a ShardedTensorFactory, e.g. a SwiGLU expert's fc1, which an
+    optimizer's entry for it copies)."""
+    return key, getattr(sharded, "global_offset", None), id(getattr(sharded, "build_fn", None))
 
 
 def _in_own_format(

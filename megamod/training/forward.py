@@ -4,7 +4,6 @@ the same on every tensor-parallel rank before they go in."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from functools import partial
 from typing import Iterator
@@ -12,6 +11,7 @@ from typing import Iterator
 import torch
 from megatron.core import parallel_state
 
+from megamod.data.loader import TrainLoader
 from megamod.errors import DataError
 from megamod.parallel import collective_device
 
@@ -56,33 +56,27 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _digest(tensors: list[torch.Tensor]) -> int:
-    digest = hashlib.blake2b(digest_size=7)  # 56 bits: a non-negative int64
-    for tensor in tensors:
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little")
+def next_step_agreed(loader: TrainLoader) -> list[dict]:
+    """The loader's next step, the same on every tensor-parallel rank
+    (`agree_within_tensor_parallel_group`)."""
+    batches = loader.next_step()
+    return agree_within_tensor_parallel_group(batches, loader.last_fingerprint)
 
 
-def agree_within_tensor_parallel_group(micro_batches: list[dict]) -> list[dict]:
-    """The step's micro-batches (host tensors, as the loader gives them) as the group's
-    first tensor-parallel rank has them. The TP ranks of a data-parallel rank build the
-    same batches independently (each reads and decodes the same samples): tokens that
-    differ (one rank could not read a sample another could) stop the run with a DataError;
-    images that differ (DALI failed on one rank and its Pillow fallback decoded the image
-    there, with other interpolation) are replaced by the first rank's. One small all-gather
-    over the TP group per step. Decoding once per TP group instead would need a collective
-    in the loader's background thread, beside training's own collectives."""
+def agree_within_tensor_parallel_group(micro_batches: list[dict], fingerprint: list[int]) -> list[dict]:
+    """The step's micro-batches (host tensors, as the loader gives them; `fingerprint`:
+    their `step_fingerprint`) as the group's first tensor-parallel rank has them. The TP
+    ranks of a data-parallel rank build the same batches independently (each reads and
+    decodes the same samples): tokens that differ (one rank could not read a sample another
+    could) stop the run with a DataError; images that differ (DALI failed on one rank and
+    its Pillow fallback decoded the image there, with other interpolation) are replaced by
+    the first rank's. One small all-gather over the TP group per step. Decoding once per TP
+    group instead would need a collective in the loader's background thread, beside
+    training's own collectives."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
         return micro_batches
-    keys = sorted(k for k in micro_batches[0] if k != "images")
-    # Images by their sum and norm, accumulated in fp64 (a hash of ~100 MB of pixels a step
-    # would cost the main thread ~0.1 s): another interpolation changes both.
-    sums = torch.stack([torch.stack([b["images"].sum(dtype=torch.float64),
-                                     torch.linalg.vector_norm(b["images"], dtype=torch.float64)])
-                        for b in micro_batches]).sum(0).view(torch.int64).tolist()
-    mine = torch.tensor([_digest([b[k] for b in micro_batches for k in keys]), *sums],
-                        dtype=torch.int64, device=collective_device())
+    mine = torch.tensor(fingerprint, dtype=torch.int64, device=collective_device())
     group = parallel_state.get_tensor_model_parallel_group()
     digests = [torch.empty_like(mine) for _ in range(tp)]
     torch.distributed.all_gather(digests, mine, group=group)

@@ -32,8 +32,8 @@ from megamod.parallel import check_device_support, collective_device, dist_env_f
 from megamod.training import checkpoint
 from megamod.training.flops import StepFlops
 from megamod.training.forward import (
-    agree_within_tensor_parallel_group,
     forward_step,
+    next_step_agreed,
     step_totals,
     to_device,
 )
@@ -348,7 +348,7 @@ def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:
     losses, stopped_early = [], False
     while state.iteration < train_cfg.train_iters:
         start = time.perf_counter()
-        micro_batches = agree_within_tensor_parallel_group(state.loader.next_step())
+        micro_batches = next_step_agreed(state.loader)
         flops, tokens = step_flops(micro_batches), token_counts(micro_batches)
         step = train_step(state, micro_batches)
         state.iteration += 1

@@ -28,8 +28,8 @@ from megamod.data.loader import TrainLoader, build_eval_loaders
 from megamod.data.tokenizer import Tokenizer
 from megamod.parallel import collective_device
 from megamod.training.forward import (
-    agree_within_tensor_parallel_group,
     forward_step,
+    next_step_agreed,
     step_totals,
     to_device,
 )
@@ -72,7 +72,7 @@ class Validator:
         loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
         total = torch.zeros(2, dtype=torch.float64)
         for _ in range(self.config.eval.iters):
-            micro_batches = agree_within_tensor_parallel_group(loader.next_step())
+            micro_batches = next_step_agreed(loader)
             reports = get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iter([to_device(b) for b in micro_batches]),

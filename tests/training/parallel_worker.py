@@ -18,6 +18,7 @@ One process group per launch; megatron-core's parallel state is rebuilt per layo
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -140,31 +141,40 @@ def precision(out_dir: Path) -> None:
 
 
 def agreement(out_dir: Path) -> None:
+    from megamod.data.loader import step_fingerprint
     from megamod.data.tokenizer import load_tokenizer
     from megamod.errors import DataError
-    from megamod.training.forward import agree_within_tensor_parallel_group
+    from megamod.training.forward import agree_within_tensor_parallel_group, next_step_agreed
     from megamod.training.loop import build_loader
 
     config = start(2, True)
     loader = build_loader(config, load_tokenizer(config.data.tokenizer))
     rank = parallel_state.get_tensor_model_parallel_rank()
+    warnings: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append
+    logging.getLogger("megamod").addHandler(handler)
     result = {}
-    # The same step, decoded alike: handed back untouched.
-    batches = loader.next_step()
-    result["alike_untouched"] = agree_within_tensor_parallel_group(batches) is batches
+    # The same step, decoded alike: its fingerprint, taken in the loader's thread, is the
+    # batches'; nothing is replaced (no warning).
+    batches = next_step_agreed(loader)
+    result["fingerprint_is_the_batches"] = loader.last_fingerprint == step_fingerprint(batches)
+    result["warned_when_alike"] = len(warnings)
     # Rank 1 decoded the images with another interpolation (DALI's Pillow fallback).
     batches = loader.next_step()
     if rank == 1:
         for b in batches:
             b["images"] += 1e-3
     result["decoded"] = [b["images"].clone() for b in batches]
-    result["images"] = [b["images"] for b in agree_within_tensor_parallel_group(batches)]
+    agreed = agree_within_tensor_parallel_group(batches, step_fingerprint(batches))
+    result["images"] = [b["images"] for b in agreed]
+    result["warned_when_different"] = len(warnings)
     # Rank 1 read one token differently (a sample it could not read, replaced).
     batches = loader.next_step()
     if rank == 1:
         batches[0]["tokens"][0, -1] += 1
     try:
-        agree_within_tensor_parallel_group(batches)
+        agree_within_tensor_parallel_group(batches, step_fingerprint(batches))
         result["refused"] = None
     except DataError as e:
         result["refused"] = str(e)

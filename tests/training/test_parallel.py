@@ -42,7 +42,8 @@ def test_tensor_parallel_ranks_use_one_set_of_batches(tmp_path):
     torchrun(2, [WORKER, "agreement", str(tmp_path)], cwd=tmp_path)
     ranks = [torch.load(tmp_path / f"agreement_rank{r}.pt") for r in range(2)]
     for result in ranks:
-        assert result["alike_untouched"]
+        assert result["fingerprint_is_the_batches"] and result["warned_when_alike"] == 0
+        assert result["warned_when_different"] == 1
         for agreed, first in zip(result["images"], ranks[0]["decoded"]):
             assert torch.equal(agreed.cpu(), first)
         assert "tensor-parallel ranks" in result["refused"]
