@@ -17,8 +17,8 @@ Four mechanisms, each the narrowest that works:
    dispatcher's split sizes) or wrapped (the mixed-precision and distributed optimizers'
    parameter sorting, which names CUDA tensor types; the distributed optimizer's state
    loading, which misses torch AdamW's per-parameter step).
-4. One torch setting: inductor's CPU kernels compile without the precompiled header that
-   concurrent ranks would race on.
+4. One torch setting: megatron-core's `torch.compile`d activations run eagerly (compiling
+   them on a CPU costs seconds per process and a C++ toolchain, for no speed).
 
 gloo needs no shim: with overlap off, megatron-core's DDP and distributed optimizer call
 `reduce_scatter_tensor` and `all_gather_into_tensor` (in `_coalescing_manager`), which
@@ -298,16 +298,17 @@ def _patch_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-def _no_shared_precompiled_headers() -> None:
+def _activations_run_eagerly() -> None:
     """Mechanism 4: megatron-core's `jit_fuser` is `torch.compile` (activations.py's
-    `quick_gelu`, the CLIP encoder's activation, among others), and on a CPU inductor
-    compiles C++ with a precompiled header kept in its cache directory, shared by every
-    process of the machine. Ranks that compile a new kernel at once race on writing that
-    header and one of them can read it half-written (g++: "'at::vec' has not been
-    declared"). Compile without it: each kernel's own includes."""
-    import torch._inductor.config
+    `quick_gelu`, the CLIP encoder's activation, among others). On a CPU, inductor builds
+    those kernels with g++ in every new process: 6-10 s of each rank's start on 2 cores, a
+    C++ toolchain as a run-time dependency, and ranks compiling at once raced on the
+    precompiled header of its shared cache (g++: "'at::vec' has not been declared").
+    The fusion buys nothing on a CPU, so dynamo is switched off and the same functions run
+    eagerly. megamod compiles nothing itself; the GPU path keeps megatron-core's fusion."""
+    import torch._dynamo
 
-    torch._inductor.config.cpp_cache_precompile_headers = False
+    torch._dynamo.config.disable = True
 
 
 def apply() -> None:
@@ -324,5 +325,5 @@ def apply() -> None:
     _patch_float16_optimizer()
     _patch_distributed_optimizer()
     _patch_moe()
-    _no_shared_precompiled_headers()
+    _activations_run_eagerly()
     _applied = True

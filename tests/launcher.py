@@ -66,13 +66,13 @@ def megamod_train(
 
 
 def parallel_worker_results(worker: Path, variants: tuple[str, ...], out: Path) -> dict:
-    """A parallel worker's protocol, per variant: `init` (the reference, one process), then
-    `grads` (two processes); returns the `grads_*.pt` files they wrote, by name."""
+    """A parallel worker's protocol: `init` (the references, one process), then `grads`
+    (two processes), each launch running every variant; returns the `grads_*.pt` files
+    they wrote, by name."""
     import torch
 
-    for variant in variants:
-        torchrun(1, [str(worker), "init", str(out), variant], cwd=out)
-        torchrun(2, [str(worker), "grads", str(out), variant], cwd=out)
+    torchrun(1, [str(worker), "init", str(out), *variants], cwd=out, timeout=600)
+    torchrun(2, [str(worker), "grads", str(out), *variants], cwd=out, timeout=600)
     return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
 
 

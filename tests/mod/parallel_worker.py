@@ -1,10 +1,10 @@
 """Runs under torchrun for the MoD parallelism tests; writes tensors for pytest to compare.
 
-  parallel_worker.py init OUT_DIR VARIANT    (1 process) random MoD routers (distinct
+  parallel_worker.py init OUT_DIR VARIANT... (1 process) random MoD routers (distinct
                                              weights, so the selection is not a tie),
                                              saved as the initial weights; then the
                                              reference loss + gradients at TP=1
-  parallel_worker.py grads OUT_DIR VARIANT   (2 processes) the same step at TP=2 + SP
+  parallel_worker.py grads OUT_DIR VARIANT...(2 processes) the same step at TP=2 + SP
                                              (VARIANT mod_moe: and EP=2)
 
 Every process builds the same two micro-batches from the tiny data set, mixing text-only,
@@ -105,5 +105,6 @@ def main(mode: str, out: Path, variant: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    for name in sys.argv[3:]:  # one launch runs every variant (a launch costs ~10 s of imports)
+        main(sys.argv[1], Path(sys.argv[2]), name)
     torch.distributed.barrier()

@@ -1,8 +1,8 @@
 """Runs under torchrun for the MoE parallelism tests; writes tensors for pytest to compare.
 
-  parallel_worker.py init OUT_DIR VARIANT    (1 process) a checkpoint of the initial
+  parallel_worker.py init OUT_DIR VARIANT... (1 process) a checkpoint of the initial
                                              weights, then the reference loss + gradients
-  parallel_worker.py grads OUT_DIR VARIANT   (2 processes) the same step at EP=2 (DP=2),
+  parallel_worker.py grads OUT_DIR VARIANT...(2 processes) the same step at EP=2 (DP=2),
                                              EP=2 with TP=2+SP, TP=2+SP with EP=1
 
 Every layout loads the reference's initial weights (expert weights are initialised per
@@ -124,5 +124,6 @@ def main(mode: str, out: Path, variant: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    for name in sys.argv[3:]:  # one launch runs every variant (a launch costs ~10 s of imports)
+        main(sys.argv[1], Path(sys.argv[2]), name)
     torch.distributed.barrier()

@@ -25,11 +25,10 @@ from torch import Tensor
 
 from megamod.config import load_config
 from megamod.errors import ConfigError
-from tests.launcher import REPO, TINY_CONFIG, parallel_worker_results, world_of_one
+from tests.launcher import TINY_CONFIG, world_of_one
 
 MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2", "moe.aux_loss_coeff=0.01",
        "moe.gate=deepspeed_top2", "moe.capacity_factor=1.5", "moe.eval_capacity_factor=2.0"]
-WORKER = REPO / "tests" / "moe" / "parallel_worker.py"
 
 
 # ------------------------------------------------ DeepSpeed 0.9.5, sharded_moe.py
@@ -388,19 +387,14 @@ def test_recomputed_moe_layers_draw_the_same_noise(world):
 # --------------------------------------------------- TP=2 + SP against TP=1, one step
 
 
-@pytest.fixture(scope="module")
-def parallel_results(tmp_path_factory):
-    return parallel_worker_results(WORKER, ("deepspeed",), tmp_path_factory.mktemp("ds_grads"))
-
-
-def test_step_at_tp2_sp_equals_tp1_with_noise_and_drops(parallel_results):
+def test_step_at_tp2_sp_equals_tp1_with_noise_and_drops(moe_parallel_results):
     """Capacity and slots are the whole micro-batch's and every token gets TP=1's noise,
     so even with tokens dropped (9% here) the loss and every gradient equal one
     process's (measured: loss bit-identical, gradients within 9e-8). The layout is TP=2 +
     SP with the experts on EP=2, ETP=1: with ETP=2 megatron-core's dispatcher all-gathers
     each rank's (after drops, unequal) expert tokens, which gloo cannot."""
-    reference = parallel_results["grads_deepspeed_ref"]
-    other = parallel_results["grads_deepspeed_tp2_sp_ep2"]
+    reference = moe_parallel_results["grads_deepspeed_ref"]
+    other = moe_parallel_results["grads_deepspeed_tp2_sp_ep2"]
     assert 0 < reference["dropped"] == other["dropped"]
     assert other["loss"] == pytest.approx(reference["loss"], abs=1e-5)
     assert other["disagreeing"] == []

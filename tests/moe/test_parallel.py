@@ -11,23 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.launcher import REPO, parallel_worker_results
-
-WORKER = REPO / "tests" / "moe" / "parallel_worker.py"
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return parallel_worker_results(WORKER, ("dropless", "capacity"), tmp_path_factory.mktemp("moe_grads"))
-
-
 CASES = ["dropless_ep2", "dropless_tp2_sp_ep2", "dropless_tp2_sp", "capacity_ep2"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_loss_and_gradients_match_single_process(results, case):
+def test_loss_and_gradients_match_single_process(moe_parallel_results, case):
     variant = case.split("_")[0]
-    reference, other = results[f"grads_{variant}_ref"], results[f"grads_{case}"]
+    reference = moe_parallel_results[f"grads_{variant}_ref"]
+    other = moe_parallel_results[f"grads_{case}"]
     assert other["tokens"] == reference["tokens"] > 0
     assert other["loss"] == pytest.approx(reference["loss"], abs=1e-5)
     assert other["disagreeing"] == [], "replicas on different ranks disagree"

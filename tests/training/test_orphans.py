@@ -16,8 +16,10 @@ from tests.launcher import env
 from tests.training.test_preemption import survivors, wait_for
 
 # One process saving the tiny model as `megamod upcycle` does (a world of one), then
-# forking a process as the writers do (they live only during a save), then waiting.
+# forking a process as the writers do (they live only during a save), then waiting. Its
+# first line counts how often the script runs: spawn would run it again in the Manager.
 SAVER = """
+open(__file__ + ".runs", "a").write("ran\\n")
 import multiprocessing, sys, time
 from megamod.data.tokenizer import load_tokenizer
 from megamod.models.build import build_model
@@ -25,19 +27,21 @@ from megamod.process_hygiene import helpers_die_with_us
 from megamod.training.checkpoint import save_checkpoint
 from tests.launcher import world_of_one
 
-helpers_die_with_us()
-with world_of_one() as config:
-    save_checkpoint(sys.argv[1], 0, build_model(config, load_tokenizer("tiny")), None, None, {}, config)
-    multiprocessing.get_context("fork").Process(target=time.sleep, args=(300,)).start()
-    print("saved", flush=True)
-    time.sleep(300)
+if __name__ == "__main__":
+    helpers_die_with_us()
+    with world_of_one() as config:
+        save_checkpoint(sys.argv[1], 0, build_model(config, load_tokenizer("tiny")), None, None, {}, config)
+        multiprocessing.get_context("fork").Process(target=time.sleep, args=(300,)).start()
+        print("saved", flush=True)
+        time.sleep(300)
 """
 
 
 def test_checkpoint_writer_helpers_die_with_a_killed_saver(tmp_path: Path):
-    log = tmp_path / "saver.log"
+    log, script = tmp_path / "saver.log", tmp_path / "saver.py"
+    script.write_text(SAVER)
     with open(log, "w") as out:
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path / "ckpt")],
+        saver = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ckpt")],
                                  cwd=tmp_path, env=env(None), stdout=out, stderr=subprocess.STDOUT)
     helpers: list[psutil.Process] = []
     try:
@@ -48,6 +52,8 @@ def test_checkpoint_writer_helpers_die_with_a_killed_saver(tmp_path: Path):
         assert any("spawn_main" in c for c in commands), commands  # the writer's Manager
         assert any("resource_tracker" in c for c in commands), commands
         assert any(c == " ".join(psutil.Process(saver.pid).cmdline()) for c in commands)  # forked
+        # The Manager did not run the script (its imports: megatron-core) again.
+        assert Path(f"{script}.runs").read_text() == "ran\n"
         saver.kill()
         saver.wait()
         left = survivors(helpers)
