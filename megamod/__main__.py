@@ -4,7 +4,7 @@ Commands: `train CONFIG.yaml [key.sub=value ...]`, `run [torchrun options] train
 `build-shards ...`, `upcycle ...`, `inspect ...`, `convert ...`, `generate ...`, `eval ...`.
 Exit codes: 0 success, 2 bad config or input (the message names the key or file),
 75 (train, run) stopped early by a signal with a checkpoint saved: run it again to continue,
-1 anything else (a bug: the traceback is printed).
+130 aborted by Ctrl-C (train: a second one), 1 anything else (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import importlib
 import sys
 
 from megamod.errors import MegamodError
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 USAGE = """usage: megamod <command> [args]
 
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # The user's choice, not a bug: one line, no traceback. A second Ctrl-C in training
+        # (megamod.training.preemption.AbortedByCtrlC) says what it left unsaved.
+        from megamod.cli import rank_prefix
+
+        print(f"{rank_prefix()}{str(e) or 'aborted by Ctrl-C'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 # The guard matters: dist_checkpointing's writer starts processes that re-import main.

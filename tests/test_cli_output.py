@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from megamod.cli.output import check_output, staged
@@ -74,3 +76,45 @@ def test_staged_replaces_only_when_complete(tmp_path):
     with staged(out) as staging:
         (staging / "new").write_text("whole")
     assert [p.name for p in out.iterdir()] == ["new"]
+
+
+def test_staged_holds_the_outputs_save_dir_lock_until_it_is_replaced(tmp_path):
+    """A training started into --output while a tool writes it is refused by the lock,
+    instead of saving checkpoints the replacement would delete."""
+    out = tmp_path / "out"
+    with staged(out) as staging:
+        with pytest.raises(CheckpointError, match=f"in use by pid {os.getpid()}"):
+            SaveDirLock(out).acquire()  # the training's first step
+        (staging / "new").write_text("whole")
+    assert [p.name for p in out.iterdir()] == ["new"]
+    job = SaveDirLock(out)
+    job.acquire()  # free once the tool is done
+    job.release()
+
+
+def test_staged_refuses_a_job_started_since_check_output(run_dir):
+    """The tools check --output first, then read their input for a while: a job that took
+    the folder meanwhile keeps it, checkpoints and all."""
+    out = run_dir / "ckpt"
+    check_output(out, [run_dir.parent / "input"], force=True)
+    job = SaveDirLock(out)
+    job.acquire()
+    try:
+        with pytest.raises(CheckpointError, match="running job"):
+            with staged(out):
+                pytest.fail("staged wrote while a job trains into --output")
+    finally:
+        job.release()
+    assert sorted(p.name for p in out.iterdir()) == ["latest_checkpointed_iteration.txt", LOCK_FILE]
+    assert not (run_dir / ".ckpt.staging").exists()
+
+
+def test_a_failed_write_leaves_no_trace_of_the_lock(tmp_path):
+    """A rerun finds --output as it was: absent, or without a lock file it needs --force for."""
+    for out in (tmp_path / "absent", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(RuntimeError):
+            with staged(out):
+                raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert not any((tmp_path / "empty").iterdir())

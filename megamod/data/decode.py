@@ -32,6 +32,8 @@ generate` check the same limits.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ ImageDecoder = Callable[[Sequence[tuple[str, bytes]]], tuple[np.ndarray, dict[in
 MAX_BATCH = 64  # images per pipeline run; larger batches are split
 # Extensions (as the shard builder names members) that DALI's decoder reads.
 DALI_FORMATS = frozenset({"jpg", "jpeg", "png", "tif", "tiff", "bmp", "jp2", "webp", "pnm", "ppm", "pgm", "pbm"})
+# The pixels in Pillow's DecompressionBombError ("Image size (400000000 pixels) exceeds ...").
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 class ImageTooLarge(ValueError):
@@ -75,18 +79,30 @@ class ImageLimits:
         """The image with only its header read (nothing decoded yet), if its width x height
         is within the limit; else ImageTooLarge. Pillow's errors for what is not an image
         pass through."""
-        try:
-            image = Image.open(source)
-        except Image.DecompressionBombError as e:  # Pillow's own limit, above ~179 M pixels
-            raise ImageTooLarge(f"over the limit of {self.max_pixels:,} pixels ({self.pixels_key}): {e}") from None
+        with warnings.catch_warnings():
+            # This limit decides, below: Pillow's warning (over ~89 M pixels) is only noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(source)
+            except Image.DecompressionBombError as e:  # Pillow's own limit, above ~179 M pixels
+                raise ImageTooLarge(self._over_pillows_limit(e)) from None
         width, height = image.size
         if width * height > self.max_pixels:
             image.close()
-            raise ImageTooLarge(
-                f"{width} x {height} = {width * height:,} pixels, over the limit of "
-                f"{self.max_pixels:,} ({self.pixels_key})"
-            )
+            raise ImageTooLarge(f"{width} x {height} = {self._over(width * height)}")
         return image
+
+    def _over(self, pixels: int) -> str:
+        return f"{pixels:,} pixels, over the limit of {self.max_pixels:,} ({self.pixels_key})"
+
+    def _over_pillows_limit(self, error: Image.DecompressionBombError) -> str:
+        """Pillow refuses to open an image past its own limit, so its width and height are
+        not known; its message has the pixels."""
+        found = _PILLOW_PIXELS.search(str(error))
+        if found and int(found[1]) > self.max_pixels:
+            return self._over(int(found[1]))
+        # Under a limit set above Pillow's (or a message without the count).
+        return f"over Pillow's own limit of {Image.MAX_IMAGE_PIXELS * 2:,} pixels"
 
     def check(self, data: bytes) -> str | None:
         """Why an encoded image must not be decoded, from its length and header alone;

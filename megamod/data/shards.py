@@ -285,8 +285,9 @@ def _data_set(fmt: str, name: str, annotations: str, images: str) -> dict:
 
 
 def _builds_in(out: Path) -> list[dict]:
-    """The data sets whose builds `out` records (progress files, manifest.json); one
-    whose record does not parse counts as an unknown data set of that name."""
+    """The data sets whose builds `out` records (progress files, manifest.json), each once
+    (a finished build keeps its progress file beside the manifest); one whose record does
+    not parse counts as an unknown data set of that name."""
     builds = []
     for path in out.glob(".*.progress.json"):
         name = path.name[1 : -len(".progress.json")]
@@ -302,7 +303,7 @@ def _builds_in(out: Path) -> list[dict]:
             builds.append(_data_set(source["format"], m["name"], source["annotations"], source["images"]))
         except (OSError, ValueError, TypeError, KeyError):
             builds.append(_data_set("?", "?", "?", "?"))
-    return builds
+    return [b for i, b in enumerate(builds) if b not in builds[:i]]
 
 
 def _claim_output(out: Path, data_set: dict, force: bool) -> None:

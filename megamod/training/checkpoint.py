@@ -56,6 +56,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megamod.config import CheckpointConfig, Config, build_dataclass
 from megamod.errors import CheckpointError, ConfigError
+from megamod.training.preemption import AbortedByCtrlC
 
 logger = logging.getLogger("megamod")
 
@@ -246,6 +247,9 @@ def save_checkpoint(
 # and wrapped per rank in torch's CheckpointException.
 _WRITE_FAILED = re.compile(r"unexpected pos|failed writing|Worker failure")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# megatron-core's shard writer logs a failed write ("Local process 0 encountered an error:
+# ...") before raising it; the raised error is reported below, or propagates.
+_SHARD_WRITER_LOG = "megatron.core.dist_checkpointing.strategies.filesystem_async"
 
 
 def _write_failure(error: BaseException) -> BaseException | None:
@@ -269,6 +273,9 @@ def _reporting_write_failure(
     """A failed write of iteration `iteration` as a CheckpointError saying where, how much
     room there is, and that the latest checkpoint is intact; rank 0 removes the `partial`
     files (this save's own) to give the room back."""
+    writer_log = logging.getLogger(_SHARD_WRITER_LOG)
+    level = writer_log.level
+    writer_log.setLevel(logging.CRITICAL)  # its error line would only repeat ours
     try:
         yield
     except (Exception, CheckpointException) as e:  # torch's is a BaseException
@@ -300,6 +307,8 @@ def _reporting_write_failure(
             f"MiB); {kept}. Free space there, or set checkpoint.save_dir to a disk with room, "
             f"and run again"
         ) from None
+    finally:
+        writer_log.setLevel(level)
 
 
 def _bytes_under(path: Path) -> int:
@@ -777,6 +786,14 @@ def _resumable(save_dir: str | Path) -> bool:
     return "scheduler" in common
 
 
+class SaveDirInUse(CheckpointError):
+    """Another job holds the save_dir's lock; `holder` says who (job id, pid, host, since)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class SaveDirLock:
     """One job writes a save_dir at a time: an exclusive `flock` on `save_dir/megamod.lock`.
 
@@ -790,18 +807,18 @@ class SaveDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise CheckpointError naming its holder."""
+        """Take the lock or raise SaveDirInUse naming its holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            holder = _describe(os.pread(fd, 4096, 0).decode(errors="replace").strip())
             os.close(fd)
-            raise CheckpointError(
-                f"checkpoint.save_dir {self.path.parent} is in use by {_describe(holder)} "
+            raise SaveDirInUse(
+                f"checkpoint.save_dir {self.path.parent} is in use by {holder} "
                 f"(lock {self.path}): wait for that job to end, or set another "
-                f"checkpoint.save_dir"
+                f"checkpoint.save_dir", holder
             ) from None
         except OSError as e:  # a file system without flock (Lustre mounted noflock)
             os.close(fd)
@@ -871,5 +888,9 @@ def save_dir_locked(save_dir: str | Path | None) -> Iterator[None]:
         raise CheckpointError(error[0])
     try:
         yield
+    except AbortedByCtrlC as e:  # its message names the checkpoint the run resumes from
+        with contextlib.suppress(CheckpointError):
+            e.last_checkpoint = iteration_dir(save_dir, read_latest_iteration(save_dir))
+        raise
     finally:
         lock.release()

@@ -115,9 +115,15 @@ def test_finetune_starts_a_new_stage_from_the_weights(run_a, tmp_path):
     assert losses[1] < fresh[1] - 1.0, "the loaded weights should already fit the data"
 
 
-def test_a_resume_that_turns_mod_on_is_refused_and_writes_nothing(run_a, tmp_path):
+def test_a_resume_that_turns_mod_on_or_off_is_refused_and_writes_nothing(run_a, tmp_path):
     """Resuming (not finetuning) with another mod.enabled would drop or add the routers
     mid-run: exit 2 naming the key, the save_dir untouched."""
+    from megamod.config import load_config
+    from megamod.errors import CheckpointError
+    from megamod.models.build import build_model
+    from megamod.training.checkpoint import config_for_load, save_checkpoint
+    from tests.launcher import world_of_one
+
     save_dir = tmp_path / "ckpt"
     shutil.copytree(run_a / "ckpt", save_dir)
     before = sorted(p.name for p in save_dir.iterdir())
@@ -126,6 +132,17 @@ def test_a_resume_that_turns_mod_on_is_refused_and_writes_nothing(run_a, tmp_pat
     assert result.returncode == 2, result.stderr[-2000:]
     assert "mod.enabled=false" in result.stderr and "checkpoint.finetune=true" in result.stderr
     assert sorted(p.name for p in save_dir.iterdir()) == before
+
+    # The other way: a MoD checkpoint resumed with MoD off (its routers would be dropped).
+    mod_dir = tmp_path / "mod_ckpt"
+    with world_of_one(["mod.enabled=true"]) as mod_config:
+        save_checkpoint(mod_dir, 2, build_model(mod_config, load_tokenizer("tiny")), None, None, {},
+                        mod_config)
+    with pytest.raises(CheckpointError) as error:
+        config_for_load(mod_dir, load_config(TINY_CONFIG, []), TINY_VOCAB, finetune=False)
+    message = str(error.value)
+    assert "mod.enabled is true there but false here (resuming would drop its MoD routers)" in message
+    assert "Set mod.enabled=true to resume it" in message and "checkpoint.finetune=true" in message
 
 
 def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
@@ -282,10 +299,11 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_a_full_disk_during_a_save_says_so_and_keeps_the_latest(tmp_path, monkeypatch):
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_latest(tmp_path, monkeypatch, caplog):
     """The shard writer (a forked process per bucket, as on a real run) fails with ENOSPC
-    while writing iteration 2: exit-2 error naming the disk and the save_dir; iteration 1
-    stays the latest, byte for byte, and the partial folder is gone."""
+    while writing iteration 2: exit-2 error naming the disk and the save_dir, and no
+    megatron-core log line of it before; iteration 1 stays the latest, byte for byte, and
+    the partial folder is gone."""
     import errno
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -306,8 +324,10 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_latest(tmp_path, monkey
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+        caplog.clear()
         with pytest.raises(CheckpointError) as error:
             save_checkpoint(save_dir, 2, model, None, None, {}, config)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("megatron")]
     message = str(error.value)
     assert f"saving iteration 2 into checkpoint.save_dir {save_dir} failed: the disk is full" in message
     assert f"{save_dir / 'iter_0000001'}, is intact" in message

@@ -190,21 +190,46 @@ def test_sigterm_asks_to_stop():
             signal.signal(sig, handler)
 
 
-def test_a_first_ctrl_c_asks_to_stop_a_second_aborts():
+def test_a_first_ctrl_c_asks_to_stop_a_second_aborts(tmp_path, monkeypatch, capsys):
+    """The second Ctrl-C ends `megamod` with 130 and one line naming the checkpoint the
+    run resumes from, not a traceback and 1 (a bug's code)."""
+    import types
+
+    import megamod.__main__ as megamod_main
+    from megamod.training.checkpoint import save_dir_locked
     from megamod.training.preemption import PreemptionWatcher
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    try:
-        with world_of_one():
+    save_dir = tmp_path / "ckpt"
+    (save_dir / "iter_0000004").mkdir(parents=True)
+    (save_dir / "latest_checkpointed_iteration.txt").write_text("4\n")
+    stops = []
+
+    def training(argv: list[str]) -> int:  # what `train` does around its steps
+        with world_of_one(), save_dir_locked(save_dir):
             watcher = PreemptionWatcher()
             os.kill(os.getpid(), signal.SIGINT)
-            assert watcher.should_stop() and watcher.received == "SIGINT"
-            with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(1)  # the handler runs between bytecodes: it raises by then
+            stops.append(watcher.should_stop() and watcher.received == "SIGINT")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes: it raises by then
+        return 0
+
+    monkeypatch.setitem(sys.modules, "megamod.cli.fake_train", types.SimpleNamespace(main=training))
+    monkeypatch.setitem(megamod_main.COMMANDS, "fake-train", "fake_train")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = megamod_main.main(["fake-train"])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    assert stops == [True], "the first Ctrl-C did not ask to stop"
+    assert code == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("Ctrl-C: stopping after this step with a checkpoint")
+    assert len(err) == 2, err  # one line each, no traceback
+    assert "aborted by a second Ctrl-C" in err[1] and f"{save_dir / 'iter_0000004'}," in err[1]
+    assert (save_dir / LOCK_FILE).read_text() == "", "the lock was not released"
 
 
 def test_auto_resume_skips_a_weights_only_checkpoint(tmp_path):
