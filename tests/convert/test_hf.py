@@ -40,7 +40,7 @@ from transformers import (
 
 from megamod.data.tokenizer import load_tokenizer
 from megamod.errors import CheckpointError
-from tests.launcher import REPO, check, free_port, run, torchrun, world_of_one
+from tests.launcher import REPO, check, free_port, launch, run, world_of_one
 
 VOCAB = load_tokenizer("tiny").vocab_size  # odd (887), so TP=2 needs padding
 IMAGE = 3  # its <image> id
@@ -339,7 +339,7 @@ def test_logits_match_hf_at_tp1(world, padded, inputs, hf_logits):
 def test_logits_match_hf_at_tp2(padded, inputs, hf_logits, tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
     worker = REPO / "tests" / "convert" / "tp_worker.py"
-    torchrun(2, [str(worker), str(padded), str(tmp_path / "inputs.pt"),
+    launch(2, [str(worker), str(padded), str(tmp_path / "inputs.pt"),
                  str(tmp_path / "logits.pt")], cwd=tmp_path)
     logits = torch.load(tmp_path / "logits.pt")
     assert logits.shape[-1] == 1024  # two gathered vocabulary shards

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.launcher import TINY_CONFIG, megamod_train, torchrun
+from tests.launcher import TINY_CONFIG, launch, megamod_train
 from tests.training.test_checkpoint import step_losses, stopped_at
 
 MOE = ["moe.num_experts=4", "moe.router_topk=2", "moe.layer_freq=2"]
@@ -89,7 +89,7 @@ def hooked_train(nproc: int, overrides: list[str], root: Path, records: Path):
     script = root / "hooked_cli.py"
     script.write_text(HOOKED_CLI)
     args = [str(script), str(records), "train", str(TINY_CONFIG), *overrides]
-    return torchrun(nproc, args, cwd=root)
+    return launch(nproc, args, cwd=root)
 
 
 def read_records(records: Path, rank: int) -> list[dict]:
@@ -257,5 +257,7 @@ def test_ep2_checkpoint_resumes_at_ep1_with_equal_losses(run_a, tmp_path):
     resumed = step_losses(result.stdout)
     assert sorted(resumed) == [3, 4]
     for it, loss in resumed.items():
-        assert loss == pytest.approx(uninterrupted[it], abs=1e-5), f"step {it}"
+        # The log prints 5 decimals: values a few 1e-7 apart (another order of the expert
+        # gradients' reduction) can print one unit apart (measured: 6.25837 vs 6.25836).
+        assert loss == pytest.approx(uninterrupted[it], abs=1.5e-5), f"step {it}"
     assert np.isfinite(list(resumed.values())).all()

@@ -19,7 +19,7 @@ import inspect
 import pytest
 import torch
 
-from tests.launcher import REPO, torchrun
+from tests.launcher import REPO, launch
 
 WORKER = str(REPO / "tests" / "training" / "distopt_worker.py")
 ADAM = ("param", "exp_avg", "exp_avg_sq")
@@ -29,7 +29,7 @@ ADAM = ("param", "exp_avg", "exp_avg_sq")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("distopt")
     for nproc, mode in ((2, "dp2"), (1, "dp1"), (4, "four")):
-        torchrun(nproc, [WORKER, mode, str(out)], cwd=out, timeout=600)
+        launch(nproc, [WORKER, mode, str(out)], cwd=out, timeout=600)
     return {p.stem: torch.load(p) for p in out.glob("*_rank*.pt")}
 
 

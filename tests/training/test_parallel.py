@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.launcher import REPO, torchrun
+from tests.launcher import REPO, launch
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 
@@ -19,8 +19,8 @@ WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("grads")
-    torchrun(1, [WORKER, "grads", str(out)], cwd=out)
-    torchrun(2, [WORKER, "grads", str(out)], cwd=out)
+    launch(1, [WORKER, "grads", str(out)], cwd=out)
+    launch(2, [WORKER, "grads", str(out)], cwd=out)
     return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
 
 
@@ -39,7 +39,7 @@ def test_tensor_parallel_ranks_use_one_set_of_batches(tmp_path):
     """The TP ranks of a DP rank build their batches independently: images one of them
     decoded otherwise (DALI's Pillow fallback) become the first rank's, tokens that differ
     (a sample only one could read) stop the run, naming the cause."""
-    torchrun(2, [WORKER, "agreement", str(tmp_path)], cwd=tmp_path)
+    launch(2, [WORKER, "agreement", str(tmp_path)], cwd=tmp_path)
     ranks = [torch.load(tmp_path / f"agreement_rank{r}.pt") for r in range(2)]
     for result in ranks:
         assert result["fingerprint_is_the_batches"] and result["warned_when_alike"] == 0

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.launcher import REPO, check, run, torchrun
+from tests.launcher import REPO, check, launch, run, torchrun
 
 WORKER = str(REPO / "tests" / "training" / "pipeline_worker.py")
 
@@ -24,8 +24,8 @@ WORKER = str(REPO / "tests" / "training" / "pipeline_worker.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline_grads")
-    torchrun(1, [WORKER, "init", str(out)], cwd=out, timeout=600)
-    torchrun(4, [WORKER, "grads", str(out)], cwd=out, timeout=900)
+    launch(1, [WORKER, "init", str(out)], cwd=out, timeout=600)
+    launch(4, [WORKER, "grads", str(out)], cwd=out, timeout=900)
     return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
 
 

@@ -31,10 +31,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-if __name__ == "__main__":  # the 2-process worker, under torchrun
+if __name__ == "__main__":  # the 2-process worker (tests.launcher.launch)
     sys.path.insert(0, str(REPO))
 
-from tests.launcher import TINY_CONFIG, torchrun, world_of_one  # noqa: E402
+from tests.launcher import TINY_CONFIG, launch, world_of_one  # noqa: E402
 
 # Measured agreement at these shapes: <= 0.2 % (routing bookkeeping at random routing).
 TOLERANCE = 0.01
@@ -318,7 +318,7 @@ def test_remedies_double_the_pipeline_only_where_it_splits(tiny_shapes):
 
 
 def worker(out: Path) -> None:
-    """Under torchrun with 2 processes: the TP2 model, this rank's parameters and the
+    """On 2 ranks: the TP2 model, this rank's parameters and the
     activations one micro-batch leaves saved."""
     from megamod.config import load_config
     from megamod.parallel import destroy_distributed, init_distributed
@@ -342,7 +342,7 @@ def test_per_rank_counts_and_activations_match_a_real_tp2_ep2_run(tmp_path):
     from megamod.parallel import parallel_layout
     from megamod.training.plan import LOCAL, activation_bytes, count_parameters, meta_model, parameter_shapes
 
-    torchrun(2, [__file__, str(tmp_path)], cwd=tmp_path)
+    launch(2, [__file__, str(tmp_path)], cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     config = load_config(TINY_CONFIG, TP2)
     tokenizer = load_tokenizer(config.data.tokenizer)

@@ -18,7 +18,7 @@ import torch
 
 from megamod.config import load_config
 from megamod.precision import fp8_fields, fp8_refusal
-from tests.launcher import REPO, TINY_CONFIG, free_port, run, torchrun
+from tests.launcher import REPO, TINY_CONFIG, free_port, launch, run
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 STEPS, NAN_AT = 8, 4  # parallel_worker.PRECISION_STEPS, PRECISION_NAN_AT
@@ -29,7 +29,7 @@ RUNS = ("fp32_tp1", "bf16_tp1", "fp16_tp1", "bf16_tp2")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("precision")
-    torchrun(2, [WORKER, "precision", str(out)], cwd=out)
+    launch(2, [WORKER, "precision", str(out)], cwd=out)
     return {name: torch.load(out / f"precision_{name}.pt") for name in RUNS}
 
 

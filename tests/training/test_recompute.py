@@ -23,7 +23,7 @@ import torch
 from megamod.config import load_config
 from megamod.data.tokenizer import load_tokenizer
 from megamod.errors import ConfigError
-from tests.launcher import TINY_CONFIG, torchrun, world_of_one
+from tests.launcher import TINY_CONFIG, launch, world_of_one
 
 QUIET = ["checkpoint.save_dir=null", "checkpoint.save_interval=null", "logging.tensorboard_dir=null"]
 # One sample per loader step, so the batch can mix text-only and image samples.
@@ -325,7 +325,7 @@ def parallel_worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def parallel_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("recompute")
-    torchrun(2, [str(Path(__file__)), str(out)], cwd=out)
+    launch(2, [str(Path(__file__)), str(out)], cwd=out)
     return torch.load(out / "recompute_tp2.pt")
 
 
