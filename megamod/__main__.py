@@ -33,8 +33,9 @@ commands:
                                           convert checkpoints (see --help)
   generate --checkpoint CKPT_DIR --image FILE --prompt TEXT [--max-new-tokens N]
            [--temperature T]              answer a prompt about an image (see --help)
-  eval --checkpoint CKPT_DIR --task TASK --questions FILE [--images DIR] [--annotations FILE]
-       [--output answers.jsonl] [--max-new-tokens N] [--batch-size B] [--json]
+  eval --checkpoint CKPT_DIR --task TASK --questions FILE [--images DIR]
+       [--annotations FILE|DIR] [--submission-questions FILE] [--output answers.jsonl]
+       [--force] [--max-new-tokens N] [--batch-size B] [--json]
                                           answer and score a benchmark, under torchrun for
                                           several processes (see --help)
 """

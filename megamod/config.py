@@ -663,26 +663,67 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalTask:
+    """One benchmark of `eval.tasks`: a `megamod eval` task on a small question set."""
+
+    # A `megamod eval --task` name: pope, scienceqa_img, textvqa, vqav2, gqa, mme, mmbench,
+    # mmbench_cn. Each task once: its scores are logged as `eval/<task>/<metric>`.
+    task: str = ""
+    # As `megamod eval`'s --questions, --images and --annotations (mmbench: its TSV,
+    # which holds the images; no images folder).
+    questions: str = ""
+    images: Optional[str] = None
+    annotations: list[str] = field(default_factory=list)
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    # The first `limit` questions of the file (MMBench: rounds; a row cut short is not
+    # scored). null: all of them.
+    limit: Optional[int] = None
+
+
+@dataclass
 class EvalConfig:
     """Evaluation during training (Megatron-LM's `--eval-interval` / `--eval-iters`)."""
 
     # Every `interval` steps (and after the last one): the loss on held-out shards,
     # `eval/loss` in TensorBoard, `eval/loss/<i>` per source when there are several, and
-    # the routing at evaluation (`eval/moe/...`, `eval/mod/...`). null: never.
+    # the routing at evaluation (`eval/moe/...`, `eval/mod/...`); and the `tasks`'
+    # scores. null: never.
     interval: Optional[int] = None
     # Held-out shards, one source each (as data.train_shards: a directory, glob, brace
-    # pattern or "tiny"); required with an interval.
+    # pattern or "tiny"); with an interval, these or `tasks` (or both).
     shards: list[str] = field(default_factory=list)
     # Steps of train.global_batch_size samples (rows, packed) read per source at each
     # evaluation: the same ones every time, so the figures compare across evaluations.
     iters: int = 1
+    # Benchmarks answered by the training model itself, greedily, as `megamod eval` answers
+    # them (the questions split over the data-parallel ranks): `eval/<task>/<metric>`.
+    # Needs the whole model on every rank (tensor, pipeline and expert parallel size 1).
+    tasks: list[EvalTask] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require_positive(self, "eval", ("iters",))
         if self.interval is not None and self.interval < 1:
             raise ConfigError(f"eval.interval={self.interval} must be >= 1 (or null: no evaluation)")
-        if self.interval is not None and not self.shards:
-            raise ConfigError("eval.interval is set but eval.shards is empty: give held-out shards")
+        if self.interval is not None and not self.shards and not self.tasks:
+            raise ConfigError("eval.interval is set but eval.shards and eval.tasks are empty: give "
+                              "held-out shards or benchmark tasks")
+        if self.tasks and self.interval is None:
+            raise ConfigError("eval.tasks is set but eval.interval is null: set how many steps apart "
+                              "to evaluate")
+        seen: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            key = f"eval.tasks[{i}]"
+            for name in ("task", "questions"):
+                if not getattr(task, name):
+                    raise ConfigError(f"{key}.{name} is empty: give it (as megamod eval's --{name})")
+            if task.task in seen:
+                raise ConfigError(f"{key}.task={task.task!r} repeats eval.tasks[{seen[task.task]}]: its "
+                                  f"scores share the tags eval/{task.task}/...: give each task once")
+            seen[task.task] = i
+            _require_positive(task, key, ("max_new_tokens", "batch_size"))
+            if task.limit is not None and task.limit < 1:
+                raise ConfigError(f"{key}.limit={task.limit} must be >= 1 (or null: every question)")
 
 
 @dataclass
@@ -743,6 +784,7 @@ class Config:
         self._check_moe()
         self._check_mod()
         self._check_pipeline()
+        self._check_eval()
 
     def pipeline_stage_layers(self) -> list[int]:
         """Decoder layers per pipeline stage, as megatron-core splits them (the first and
@@ -788,6 +830,25 @@ class Config:
                 f"train.recompute_num_layers={train.recompute_num_layers} layers within each "
                 f"pipeline stage, which hold {stages} decoder layers: pick a divisor of each, "
                 f"or recompute_method=block"
+            )
+
+    def _check_eval(self) -> None:
+        """Benchmarks during training run `megamod eval`'s generator on the training model,
+        which must then be whole on every rank."""
+        parallel = self.parallel
+        split = {
+            "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+            "expert_model_parallel_size": parallel.expert_model_parallel_size,
+            "expert_tensor_parallel_size": parallel.expert_tensor_parallel_size or 1,
+        }
+        split = {k: v for k, v in split.items() if v > 1}
+        if self.eval.tasks and split:
+            k, v = next(iter(split.items()))
+            raise ConfigError(
+                f"eval.tasks answers questions with the training model, which must be whole on "
+                f"every rank (the generator runs one model per rank), but parallel.{k}={v} "
+                f"splits it: drop eval.tasks and run `megamod eval` on the saved checkpoints"
             )
 
     def _check_mod(self) -> None:

@@ -27,6 +27,10 @@ def test_defaults_are_llava_shapes():
     assert config.model.vision.num_built_layers == 23
 
 
+POPE = "{task: pope, questions: q.jsonl, images: images}"
+POPE_TASK = f"[{POPE}]"
+
+
 @pytest.mark.parametrize(
     "overrides, names",
     [
@@ -123,6 +127,25 @@ def test_defaults_are_llava_shapes():
         (["stability.skip_batches_on_rollback=-1"], ["stability.skip_batches_on_rollback", ">= 0"]),
         (["stability.max_rollbacks=-1"], ["stability.max_rollbacks", ">= 0"]),
         (["stability.inject_nan_at=[1,x]"], ["stability.inject_nan_at[1]", "int"]),
+        # evaluation during training
+        (["eval.interval=1"], ["eval.interval", "eval.shards", "eval.tasks"]),
+        (["eval.interval=0", "eval.shards=[tiny]"], ["eval.interval=0", ">= 1"]),
+        ([f"eval.tasks={POPE_TASK}"], ["eval.tasks", "eval.interval is null"]),
+        (["eval.interval=1", "eval.tasks=[{task: pope}]"], ["eval.tasks[0].questions", "empty"]),
+        (["eval.interval=1", f"eval.tasks=[{POPE}, {POPE}]"], ["eval.tasks[1].task='pope'", "eval.tasks[0]"]),
+        (["eval.interval=1", "eval.tasks=[{task: pope, questions: q.jsonl, batch_size: 0}]"],
+         ["eval.tasks[0].batch_size=0", ">= 1"]),
+        (["eval.interval=1", "eval.tasks=[{task: pope, questions: q.jsonl, limit: 0}]"],
+         ["eval.tasks[0].limit=0", ">= 1"]),
+        (["eval.interval=1", "eval.tasks=[{task: pope, question: q.jsonl}]"],
+         ["eval.tasks[0].question", "eval.tasks[0].questions"]),
+        # the generator needs the whole model on every rank
+        (["eval.interval=1", f"eval.tasks={POPE_TASK}", "parallel.tensor_model_parallel_size=2"],
+         ["eval.tasks", "parallel.tensor_model_parallel_size=2", "megamod eval"]),
+        (["eval.interval=1", f"eval.tasks={POPE_TASK}", "parallel.pipeline_model_parallel_size=2"],
+         ["eval.tasks", "parallel.pipeline_model_parallel_size=2"]),
+        (["eval.interval=1", f"eval.tasks={POPE_TASK}", "moe.num_experts=4",
+          "parallel.expert_model_parallel_size=2"], ["eval.tasks", "parallel.expert_model_parallel_size=2"]),
     ],
 )
 def test_bad_config_names_the_key(overrides, names):
@@ -144,6 +167,21 @@ def test_cli_exits_2_naming_the_key(tmp_path):
         assert name in result.stderr and "Traceback" not in result.stderr
     missing = run([sys.executable, "-m", "megamod", "train", str(tmp_path / "nope.yaml")], cwd=tmp_path)
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+
+
+def test_eval_tasks_load():
+    config = load_config(TINY_CONFIG, ["eval.interval=5", f"eval.tasks={POPE_TASK}"])  # no held-out shards
+    (task,) = config.eval.tasks
+    assert (task.task, task.questions, task.images, task.annotations) == ("pope", "q.jsonl", "images", [])
+    assert (task.max_new_tokens, task.batch_size, task.limit) == (128, 8, None)  # megamod eval's defaults
+
+
+def test_cli_exits_2_naming_the_eval_task_file(tmp_path):
+    """Before any process group: a question file that is not there."""
+    result = run([sys.executable, "-m", "megamod", "train", str(TINY_CONFIG), "eval.interval=1",
+                  f"eval.tasks=[{{task: pope, questions: nope.jsonl, images: {tmp_path}}}]"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "eval.tasks[0].questions=nope.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_exits_2_when_processes_do_not_split(tmp_path):

@@ -4,20 +4,26 @@ The same command runs as one process, under `torchrun` and under `srun`. With
 `--dry-run [--world-size N] [--gpu-memory GIB] [--json]` it checks the job for N GPUs and
 estimates its memory per GPU instead (`megamod.training.plan`), as one process, without a
 GPU, and exits 2 naming what to change when the estimate exceeds GIB (default 80).
+
+`eval.tasks` (benchmarks during training, `megamod.eval.during_training`) is built here,
+above the training layer: their files are read and checked before any process group
+exists, and the loop's Validator calls it with the training model at each evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from megamod.cli import rank_prefix
 from megamod.errors import ConfigError, MegamodError
 
 if TYPE_CHECKING:
     from megamod.config import Config
+    from megamod.eval.during_training import BenchmarkTasks
 
 USAGE = ("usage: megamod train CONFIG.yaml [key.sub=value ...] "
          "[--dry-run [--world-size N] [--gpu-memory GIB] [--json]]")
@@ -73,7 +79,22 @@ def main(argv: list[str]) -> int:
 
     config = load_config(argv[0], args.overrides)  # fails before any process group exists
     make_output_dirs(config)
+    with tempfile.TemporaryDirectory(prefix="megamod-eval-") as scratch:  # MMBench's images
+        benchmarks = benchmarks_of(config, Path(scratch))
+        return _train(config, launcher_pid, benchmarks)
 
+
+def benchmarks_of(config: Config, scratch: Path) -> Optional[BenchmarkTasks]:
+    """`eval.tasks` read and checked (MMBench's images decoded into `scratch`), or None."""
+    if not config.eval.tasks:
+        return None
+    from megamod.eval.during_training import BenchmarkTasks
+
+    return BenchmarkTasks(config, scratch)
+
+
+def _train(config: Config, launcher_pid: int, benchmarks: Optional[BenchmarkTasks]) -> int:
+    """The job on this rank, from signal handling to the process group's end."""
     from megamod.training.preemption import EXIT_RESUMABLE, PreemptionWatcher
 
     # Before the slow imports and set-up, so a signal then still ends in a checkpoint.
@@ -89,7 +110,7 @@ def main(argv: list[str]) -> int:
     init_distributed(config.parallel, config.train.seed)
     setup_console_logging()
     try:
-        result = train(config, preemption)
+        result = train(config, preemption, benchmarks)
     except MegamodError:
         raise  # main() prints it with the rank
     except Exception:
@@ -144,6 +165,8 @@ def dry_run(parser: argparse.ArgumentParser, path: str, args: argparse.Namespace
     from megamod.config import load_config
 
     config = load_config(path, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="megamod-eval-") as scratch:
+        benchmarks_of(config, Path(scratch))  # eval.tasks' files, as the run reads them
     from megamod.training.logging import silence_upstream_warnings
 
     silence_upstream_warnings()

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from megamod.errors import DataError
+from megamod.eval.question_set import QuestionSet
 from megamod.inference.generate import Generator, open_generator, prompt_tokens
 from megamod.parallel import dist_env_from, is_rank_zero
 
@@ -143,3 +144,13 @@ def answer(
             print(f"[eval] rank 0: {number // world + 1}/{len(range(rank, len(batches), world))} "
                   f"batches ({last_report - start:.0f} s)", file=sys.stderr)
     return _all_gather(texts), skipped
+
+
+def answer_question_set(generator: Generator, question_set: QuestionSet, max_new_tokens: int,
+                        batch_size: int) -> tuple[dict[int, str], dict[int, str]]:
+    """`answer` for a question set: its questions with the task's prompt suffix and their
+    images; answers and skip reasons by index in `question_set.questions`. Collective under
+    a data-parallel world."""
+    prompts = [Prompt(question_set.task.prompt(q.text), question_set.images / q.image)
+               for q in question_set.questions]
+    return answer(generator, prompts, max_new_tokens, batch_size)

@@ -66,8 +66,10 @@ def _is_none(value: str) -> bool:
     return value in PANDAS_NA or value.lower() in ("nan", "none")
 
 
-def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """The TSV's header and its rows (line number, cells by column)."""
+def read_table(path: Path, named: str | None = None) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The TSV's header and its rows (line number, cells by column); errors name the file
+    as `named` (what the user gave: `--questions PATH` by default)."""
+    named = named or f"--questions {path}"
     csv.field_size_limit(sys.maxsize)  # a cell holds a whole base64 image
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -75,11 +77,11 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]
             header = next(reader, [])
             rows = [(reader.line_num, cells) for cells in reader if cells]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"--questions {path}: not a readable TSV ({e}): "
+        raise DataError(f"{named}: not a readable TSV ({e}): "
                         f"give MMBench's question TSV") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise DataError(f"--questions {path}: no column {', '.join(missing)} in its header: give "
+        raise DataError(f"{named}: no column {', '.join(missing)} in its header: give "
                         f"MMBench's question TSV (index, question, hint, A-D, answer, category, image)")
     table = []
     for line, cells in rows:
@@ -90,10 +92,12 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]
     return header, table
 
 
-def read_questions(path: Path, image_dir: Path) -> list[Question]:
+def read_questions(path: Path, image_dir: Path, named: str | None = None) -> list[Question]:
     """Every round of every row as a question (in row order, rounds in order; `line`
-    numbers them from 1), each row's image decoded into `image_dir`."""
-    _, table = read_table(path)
+    numbers them from 1), each row's image decoded into `image_dir`; errors name the file
+    as `named` (default `--questions PATH`)."""
+    named = named or f"--questions {path}"
+    _, table = read_table(path, named)
     questions = []
     for line, row in table:
         where = f"{path}:{line}"
@@ -130,7 +134,7 @@ def read_questions(path: Path, image_dir: Path) -> list[Question]:
             questions.append(Question(index, image, text, row.get("category"), len(questions) + 1, fields))
             options, letters = options[1:] + options[:1], letters[1:] + letters[:1]
     if not questions:
-        raise DataError(f"--questions {path}: no rows: give MMBench's question TSV")
+        raise DataError(f"{named}: no rows: give MMBench's question TSV")
     return questions
 
 

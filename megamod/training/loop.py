@@ -42,7 +42,7 @@ from megamod.training.optimizer import apply_update, build_optimizer, build_sche
 from megamod.training.loss_scaler import loss_scaler
 from megamod.training.preemption import PreemptionWatcher
 from megamod.training.stability import StabilityGuard
-from megamod.training.validation import Validator
+from megamod.training.validation import BenchmarkEvaluator, Validator
 
 logger = logging.getLogger("megamod")
 
@@ -156,9 +156,10 @@ def check_batch_split(config: Config, dp: int) -> None:
         )
 
 
-def setup(config: Config) -> TrainState:
+def setup(config: Config, benchmarks: Optional[BenchmarkEvaluator] = None) -> TrainState:
     """Model, optimizer, schedule and data, resumed or initialised from the checkpoint
-    `checkpoint.start_from` picks (the save_dir's own, else `checkpoint.load`)."""
+    `checkpoint.start_from` picks (the save_dir's own, else `checkpoint.load`);
+    `benchmarks` scores `eval.tasks` at each evaluation."""
     check_batch_split(config, parallel_state.get_data_parallel_world_size())
     check_device_support(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -171,7 +172,7 @@ def setup(config: Config) -> TrainState:
     scheduler = build_scheduler(config, optimizer)
     loader = build_loader(config, tokenizer)
     guard = StabilityGuard(config.stability, loss_scaler(config, optimizer))
-    validator = Validator(config, tokenizer) if config.eval.interval is not None else None
+    validator = Validator(config, tokenizer, benchmarks) if config.eval.interval is not None else None
     state = TrainState(config, ddp_model, optimizer, scheduler, loader, guard, validator=validator)
     if load_dir is not None and finetune:
         checkpoint.load_model_weights(load_dir, model)
@@ -324,14 +325,16 @@ def rollback(state: TrainState, metrics: MetricsLogger) -> None:
     )
 
 
-def train(config: Config, preemption: PreemptionWatcher | None) -> TrainResult:
+def train(config: Config, preemption: PreemptionWatcher | None,
+          benchmarks: Optional[BenchmarkEvaluator] = None) -> TrainResult:
     """Train to `train.train_iters`, or until `preemption` catches a stop signal: then the
     run saves a checkpoint after the current step and stops. One job owns
-    `checkpoint.save_dir` meanwhile (a second one is refused)."""
+    `checkpoint.save_dir` meanwhile (a second one is refused). `benchmarks` (built by the
+    command line from `eval.tasks`) is called at each evaluation."""
     with checkpoint.save_dir_locked(config.checkpoint.save_dir):
         if already_trained(config):
             return TrainResult(losses=[])
-        return run(setup(config), preemption)
+        return run(setup(config, benchmarks), preemption)
 
 
 def run(state: TrainState, preemption: PreemptionWatcher | None) -> TrainResult:

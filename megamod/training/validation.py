@@ -1,7 +1,9 @@
 """Evaluation during training (Megatron-LM's `--eval-interval` / `--eval-iters`): the loss
 on held-out shards, `eval/loss` (and `eval/loss/<i>` per source of `eval.shards` when there
 are several), with the MoE routing and MoD kept ratios at evaluation (`eval/moe/...`,
-`eval/mod/...`), every `eval.interval` steps and after the last one.
+`eval/mod/...`), every `eval.interval` steps and after the last one; and the scores of
+`eval.tasks` (`eval/<task>/<metric>`), from a callable the command line builds (answering
+benchmark questions is `megamod.eval`'s, a layer above training).
 
 Training goes on exactly as without it: the held-out loaders are their own (the training
 data position is not touched), the model returns to train mode, every random stream a
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -26,6 +28,7 @@ from megatron.core.utils import unwrap_model
 from megamod.config import Config
 from megamod.data.loader import TrainLoader, build_eval_loaders
 from megamod.data.tokenizer import Tokenizer
+from megamod.models.llava import LLaVA
 from megamod.parallel import collective_device
 from megamod.training.forward import (
     forward_step,
@@ -34,12 +37,20 @@ from megamod.training.forward import (
     to_device,
 )
 
+# `eval.tasks`' scores (`eval/<task>/<metric>`) of the training model (unwrapped, in eval
+# mode, without gradients), the run's config and tokenizer; collective over every rank.
+BenchmarkEvaluator = Callable[[LLaVA, Config, Tokenizer], dict[str, float]]
+
 
 class Validator:
-    """The held-out loaders of `eval.shards` and when to use them."""
+    """The held-out loaders of `eval.shards`, the benchmarks of `eval.tasks`, and when to
+    use them."""
 
-    def __init__(self, config: Config, tokenizer: Tokenizer) -> None:
+    def __init__(self, config: Config, tokenizer: Tokenizer,
+                 benchmarks: Optional[BenchmarkEvaluator] = None) -> None:
         self.config = config
+        self.tokenizer = tokenizer
+        self.benchmarks = benchmarks
         self.loaders: list[TrainLoader] = build_eval_loaders(
             config, tokenizer, parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(),
@@ -53,17 +64,24 @@ class Validator:
         """The scalars of one evaluation of `model` (megatron-core's DDP around LLaVA)."""
         llava = unwrap_model(model)
         with _training_untouched(model, llava):
-            totals = [self._source_totals(model, loader) for loader in self.loaders]
-            scalars = {"eval/loss": _mean(torch.stack(totals).sum(0))}
-            if len(totals) > 1:
-                scalars.update({f"eval/loss/{i}": _mean(t) for i, t in enumerate(totals)})
-            if llava.routing_stats is not None:
-                llava.routing_stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group(),
-                                               collective_device())
-                scalars.update({f"eval/{k}": v for k, v in llava.routing_stats.scalars().items()})
-            if llava.mod_stats is not None:
-                llava.mod_stats.gather_pipeline_stages()
-                scalars.update({f"eval/{k}": v for k, v in llava.mod_stats.scalars().items()})
+            scalars = self._held_out_scalars(model, llava) if self.loaders else {}
+            if self.benchmarks is not None:
+                scalars.update(self.benchmarks(llava, self.config, self.tokenizer))
+        return scalars
+
+    def _held_out_scalars(self, model: torch.nn.Module, llava: LLaVA) -> dict[str, float]:
+        """The held-out loss, and the routing and MoD statistics of its steps."""
+        totals = [self._source_totals(model, loader) for loader in self.loaders]
+        scalars = {"eval/loss": _mean(torch.stack(totals).sum(0))}
+        if len(totals) > 1:
+            scalars.update({f"eval/loss/{i}": _mean(t) for i, t in enumerate(totals)})
+        if llava.routing_stats is not None:
+            llava.routing_stats.all_reduce(parallel_state.get_tensor_and_data_parallel_group(),
+                                           collective_device())
+            scalars.update({f"eval/{k}": v for k, v in llava.routing_stats.scalars().items()})
+        if llava.mod_stats is not None:
+            llava.mod_stats.gather_pipeline_stages()
+            scalars.update({f"eval/{k}": v for k, v in llava.mod_stats.scalars().items()})
         return scalars
 
     def _source_totals(self, model: torch.nn.Module, loader: TrainLoader) -> torch.Tensor:

@@ -53,16 +53,13 @@ def png_base64(root: Path, name: str) -> str:
     return base64.b64encode((root / "images" / f"{name}.png").read_bytes()).decode()
 
 
-@pytest.fixture(scope="session")
-def eval_root(tmp_path_factory) -> Path:
+def write_benchmark_files(root: Path) -> None:
+    """POPE and ScienceQA sets (POPE's fifth image missing) and an MMBench dev TSV (its
+    fourth row's image undecodable) over skimage's pictures, under `root`."""
     import numpy as np
     import skimage.data
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("eval_stage3")
-    torchrun(1, ["-m", "megamod", "train", str(STAGE3), "train.train_iters=1", "checkpoint.load=null",
-                 "checkpoint.save_interval=null", "logging.tensorboard_dir=null",
-                 f"checkpoint.save_dir={root}/ckpt"], cwd=root)
     (root / "images").mkdir()
     for name in PICTURES:
         Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(root / "images" / f"{name}.png")
@@ -81,8 +78,16 @@ def eval_root(tmp_path_factory) -> Path:
     ]
     with (root / "mmbench_dev.tsv").open("w", newline="") as f:
         csv.writer(f, delimiter="\t").writerows([MMBENCH_HEADER, *rows])
-    return root
 
+
+@pytest.fixture(scope="session")
+def eval_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_stage3")
+    torchrun(1, ["-m", "megamod", "train", str(STAGE3), "train.train_iters=1", "checkpoint.load=null",
+                 "checkpoint.save_interval=null", "logging.tensorboard_dir=null",
+                 f"checkpoint.save_dir={root}/ckpt"], cwd=root)
+    write_benchmark_files(root)
+    return root
 
 
 WORKER = Path(__file__).with_name("eval_tasks.py")

@@ -24,6 +24,7 @@ from megamod.errors import DataError
 from megamod.eval import scorers
 from megamod.eval.io import Annotations, read_annotations, read_questions
 from megamod.eval.normalize import normalize_answer
+from megamod.eval.question_set import InputNames, load_question_set
 from megamod.eval.tasks import OPTION_LETTER, SHORT_ANSWER, TASKS, textvqa_question, vqav2_submission
 
 @pytest.fixture(scope="module")
@@ -239,7 +240,8 @@ def test_question_file_errors_name_the_line(tmp_path):
             read_questions(path)
         assert all(w in str(error.value) for w in words), str(error.value)
     path.write_text(good + "\n\n")
-    (question,) = read_questions(path)
+    (question,), text_only = read_questions(path)
+    assert text_only == 0
     assert (question.question_id, question.image, question.category, question.line) == \
         (1, "a.jpg", "random", 1)
 
@@ -272,7 +274,7 @@ def test_tasks_prompts_ground_truth_and_submission(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question_id": 5, "image": "a.jpg", "text": "?", "label": "yes"}) + "\n"
                     + json.dumps({"question_id": 6, "image": "b.jpg", "text": "?"}) + "\n")
-    questions = read_questions(path)
+    questions, _ = read_questions(path)
     none = Annotations([])
     assert TASKS["pope"].ground_truth(questions[:1], none, "q.jsonl")[0]["label"] == "yes"  # in the line
     with pytest.raises(DataError, match=r"question_id 6 \(question line 2\): no 'label'"):
@@ -304,7 +306,7 @@ def test_textvqa_matches_llavas_question_file_as_eval_textvqa_does(tmp_path):
     ]))
     records = [{"question_id": i, "image_id": "003a" if i < 7 else "b", "question": q, "answers": [a] * 10}
                for i, q, a in [(1, "what brand?", "nikon"), (2, "What colour?", "black"), (7, "x", "2")]]
-    truth = TASKS["textvqa"].ground_truth(read_questions(path), Annotations([(path, records)]), "a.json")
+    truth = TASKS["textvqa"].ground_truth(read_questions(path)[0], Annotations([(path, records)]), "a.json")
     assert [t["answers"][0] for t in truth] == ["nikon", "black", "2"]
 
 
@@ -315,7 +317,7 @@ def test_pope_labels_pair_in_order_within_a_category(tmp_path):
     path.write_text("".join(
         json.dumps({"question_id": i, "image": "a.jpg", "text": "?", "category": c}) + "\n"
         for i, c in [(101, "random"), (102, "popular"), (103, "random")]))
-    questions = read_questions(path)
+    questions, _ = read_questions(path)
     labels = Annotations([
         (tmp_path / "coco_pope_random.json",
          [{"question_id": 1, "label": "no"}, {"question_id": 2, "label": "yes"}]),
@@ -327,3 +329,177 @@ def test_pope_labels_pair_in_order_within_a_category(tmp_path):
         TASKS["pope"].ground_truth(questions, short, "x")
     with pytest.raises(DataError, match="coco_pope_<category>.json"):
         TASKS["pope"].ground_truth(questions, Annotations([(tmp_path / "labels.json", [])]), "x")
+
+
+def test_scienceqa_reads_llavas_question_file(tmp_path):
+    """LLaVA's `llava_test_CQM-A.json` as model_vqa_science.py reads it: `id`, the first
+    turn with `<image>` removed and stripped; text-only problems left out and counted; the
+    answer line's prompt as that script writes it (lines 46-64: "<image>\\n" first)."""
+    path = tmp_path / "llava_test_CQM-A.json"
+    path.write_text(json.dumps([
+        {"id": "4", "conversations": [{"from": "human", "value": "Which figure?\nA. x\nB. y"},
+                                      {"from": "gpt", "value": "B"}]},
+        {"id": "5", "image": "5/image.png",
+         "conversations": [{"from": "human", "value": "<image>\nContext: a test.\nWhich?\nA. x\nB. y"},
+                           {"from": "gpt", "value": "B"}]},
+        {"id": "11", "image": "11/image.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat colony?\nA. Maryland\nB. Vermont\n"}]},
+    ], indent=2))
+    questions, text_only = read_questions(path)
+    assert text_only == 1
+    assert [(q.question_id, q.image, q.text, q.line) for q in questions] == [
+        ("5", "5/image.png", "Context: a test.\nWhich?\nA. x\nB. y", 2),
+        ("11", "11/image.png", "What colony?\nA. Maryland\nB. Vermont", 3)]
+    assert TASKS["scienceqa_img"].recorded_prompt(questions[0].text) == \
+        "<image>\nContext: a test.\nWhich?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
+    assert TASKS["pope"].recorded_prompt("Is there a dog?") == "Is there a dog?" + SHORT_ANSWER  # loader's prompt
+    path.write_text(json.dumps([{"id": "5", "image": "5/image.png", "conversations": []}]))
+    with pytest.raises(DataError, match="item 1: no 'conversations'"):
+        read_questions(path)
+    path.write_text(json.dumps([{"id": "4", "conversations": [{"value": "Which?"}]}]))
+    with pytest.raises(DataError, match=r"no item has an image \(1 text-only\)"):
+        read_questions(path)
+
+
+MME_RELEASE_FILES = {
+    # a subtask with its images and answers side by side
+    "code_reasoning/0020.txt": "Is a python code shown in the picture? Please answer yes or no.\tYes\n"
+                               "Is a c++ code shown in the picture? Please answer yes or no.\tNo\n",
+    # one with images/ and questions_answers_YN/; MME's two-space question, found by the
+    # converter's second try
+    "artwork/questions_answers_YN/14777.txt": "Does this artwork belong to the type of religious?  "
+                                               "Please answer yes or no.\tNo\n"
+                                               "Does this artwork belong to the type of historical? "
+                                               "Please answer yes or no.\tYes\n",
+    "artwork/images/14777.jpg": "",
+    "artwork/questions_answers_YN/readme.md": "not a .txt: ignored",
+}
+LLAVA_MME = [  # llava_mme.jsonl's lines: an image's two questions share its path as question_id
+    {"question_id": "code_reasoning/0020.png", "image": "code_reasoning/0020.png",
+     "text": "Is a python code shown in the picture?" + SHORT_ANSWER, "category": "code_reasoning"},
+    {"question_id": "code_reasoning/0020.png", "image": "code_reasoning/0020.png",
+     "text": "Is a c++ code shown in the picture?" + SHORT_ANSWER, "category": "code_reasoning"},
+    {"question_id": "artwork/images/14777.jpg", "image": "artwork/images/14777.jpg",
+     "text": "Does this artwork belong to the type of historical?" + SHORT_ANSWER, "category": "artwork"},
+    {"question_id": "artwork/images/14777.jpg", "image": "artwork/images/14777.jpg",
+     "text": "Does this artwork belong to the type of religious?" + SHORT_ANSWER, "category": "artwork"},
+]
+
+
+def write_mme(root: Path) -> tuple[Path, Path]:
+    """MME's release folder and LLaVA's question file (above) under root."""
+    release = root / "MME_Benchmark_release_version"
+    for name, text in MME_RELEASE_FILES.items():
+        (release / name).parent.mkdir(parents=True, exist_ok=True)
+        (release / name).write_text(text)
+    questions = root / "llava_mme.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in LLAVA_MME))
+    return release, questions
+
+
+def test_mme_matches_llavas_question_file_as_convert_answer_to_mme_does(tmp_path):
+    """convert_answer_to_mme.py finds each answer's ground truth by (subtask, image file,
+    question) in MME's release files; LLaVA's question ids repeat per image."""
+    release, path = write_mme(tmp_path)
+    questions, _ = read_questions(path)
+    truth = TASKS["mme"].ground_truth(questions, read_annotations([release]), str(release))
+    assert [t["answer"] for t in truth] == ["Yes", "No", "Yes", "No"]
+    assert [t["category"] for t in truth] == ["code_reasoning", "code_reasoning", "artwork", "artwork"]
+    # code_reasoning: both right (acc 100, acc+ 100: 200); artwork: one of two (50, 0: 50)
+    scores = TASKS["mme"].score(["Yes", "No", "No", "No"], truth, questions)
+    assert scores == {"perception": 50.0, "cognition": 200.0, "subtasks": {
+        "artwork": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0, "count": 2},
+        "code_reasoning": {"acc": 100.0, "acc_plus": 100.0, "score": 200.0, "count": 2}}}
+
+    # {"question_id", "answer"} lines without the question: the n-th of an id for its n-th question
+    by_order = tmp_path / "mme_answers.jsonl"
+    by_order.write_text("".join(json.dumps({"question_id": q["question_id"], "answer": a}) + "\n"
+                                for q, a in zip(LLAVA_MME, ["No", "Yes", "No", "No"])))
+    truth = TASKS["mme"].ground_truth(questions, read_annotations([by_order]), "x")
+    assert [t["answer"] for t in truth] == ["No", "Yes", "No", "No"]
+    three = Annotations([(by_order, read_annotations([by_order]).files[0][1][:3])])
+    with pytest.raises(DataError, match=r"question line 4\): no 'answer'"):
+        TASKS["mme"].ground_truth(questions, three, "x")
+    (release / "code_reasoning" / "0021.txt").write_text("Is it? Please answer yes or no.\n")
+    with pytest.raises(DataError, match="0021.txt:1: not 'question<TAB>answer'"):
+        read_annotations([release])
+    (tmp_path / "empty" / "existence").mkdir(parents=True)
+    with pytest.raises(DataError, match="no such .txt file"):
+        read_annotations([tmp_path / "empty"])
+
+
+def test_vqav2_official_annotations_and_the_whole_submission(tmp_path):
+    """VQA's `v2_mscoco_val2014_annotations.json` (`{"annotations": [...]}`, 10 answer
+    objects each) is VQAv2's val ground truth; the test-dev submission lists every question
+    of the test2015 file, '' for those not answered (convert_vqav2_for_submission.py)."""
+    annotations = tmp_path / "v2_mscoco_val2014_annotations.json"
+    answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+               for i, a in enumerate(["two"] * 3 + ["2"] * 7)]
+    annotations.write_text(json.dumps({"info": {}, "license": {}, "data_subtype": "val2014", "annotations": [
+        {"question_id": 11, "image_id": 9, "answer_type": "number", "multiple_choice_answer": "2",
+         "answers": answers}]}))
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question_id": 11, "image": "COCO_val2014_000000000009.jpg",
+                                "text": "How many?"}) + "\n")
+    questions, _ = read_questions(path)
+    truth = TASKS["vqav2"].ground_truth(questions, read_annotations([annotations]), str(annotations))
+    assert TASKS["vqav2"].score(["Two"], truth, questions) == {"accuracy": 1.0, "count": 1}
+
+    test2015 = [replace(questions[0], question_id=i, line=n) for n, i in enumerate([7, 11, 5, 3], 1)]
+    dev = [replace(questions[0], question_id=i, line=n) for n, i in enumerate([11, 3], 1)]
+    assert vqav2_submission(dev, {1: "Two dogs."}, test2015) == [
+        {"question_id": 7, "answer": ""}, {"question_id": 11, "answer": "2 dogs"},
+        {"question_id": 5, "answer": ""}, {"question_id": 3, "answer": ""}]
+    with pytest.raises(DataError, match="question_id 3 is not in --submission-questions"):
+        vqav2_submission(dev, {}, test2015[:2])
+
+
+def test_a_question_set_is_read_one_way_and_named_as_the_user_typed_it(tmp_path):
+    """`megamod eval` and `eval.tasks` read a question set with the same code: the same
+    questions, ground truth and checks; errors name the flags (`--annotations a.json`) or
+    the entry's keys (`eval.tasks[2] (pope): a.json`, `eval.tasks[2].annotations`), never
+    the other's."""
+    flags, entry = InputNames(), InputNames("eval.tasks[2]")
+    (tmp_path / "a.png").write_bytes(b"")  # only whether the image is there matters here
+    lines = [{"question_id": i, "image": "a.png" if i != 2 else "gone.png", "text": "Is it?",
+              "category": "random"} for i in (1, 2, 3, 4)]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in lines))
+    labels = tmp_path / "coco_pope_random.json"
+    labels.write_text("".join(json.dumps({"question_id": n, "label": l}) + "\n"
+                              for n, l in enumerate(["yes", "no", "no", "yes"], 1)))
+
+    def load(names: InputNames, annotations: list[Path], task: str = "pope", **kwargs):
+        return load_question_set(TASKS[task], questions, tmp_path, annotations, tmp_path / "scratch",
+                                 names, **kwargs)
+
+    # the first 3 questions, of which the second's image is missing: 1 and 3 asked, with their labels
+    question_set = load(entry, [labels], limit=3)
+    assert [q.question_id for q in question_set.questions] == [1, 3] and question_set.missing_images == 1
+    assert [t["label"] for t in question_set.truth] == ["yes", "no"]
+    assert question_set.score({0: "Yes", 1: "Yes"}) == TASKS["pope"].score(
+        ["Yes", "Yes"], question_set.truth, question_set.questions)
+
+    def refused(names: InputNames, annotations: list[Path], **kwargs) -> str:
+        with pytest.raises(DataError) as error:
+            load(names, annotations, **kwargs)
+        return str(error.value)
+
+    assert "give --annotations with the pope ground truth" in refused(flags, [])
+    message = refused(entry, [])
+    assert message.startswith("eval.tasks[2] (pope): ") and "give eval.tasks[2].annotations with" in message
+    broken = tmp_path / "coco_pope_popular.json"
+    broken.write_text("3")
+    assert refused(flags, [broken]).startswith(f"--annotations {broken}: neither a list")
+    message = refused(entry, [broken])
+    assert message.startswith(f"eval.tasks[2] (pope): {broken}: neither a list") and "--" not in message
+    assert f"eval.tasks[2].annotations[1]={tmp_path / 'nope.json'} is not a file" in \
+        refused(entry, [labels, tmp_path / "nope.json"])
+    # VQAv2's submission questions are named as such, not as --questions
+    empty = tmp_path / "test2015.jsonl"
+    empty.write_text("")
+    assert refused(flags, [], task="vqav2", submission_questions=empty).startswith(
+        f"--submission-questions {empty}: no questions")
+    # a question with two images: refused for both
+    questions.write_text(json.dumps({**lines[0], "text": "<image> or <image>?"}) + "\n")
+    assert f"{questions}:1: <image> appears more than once" in refused(entry, [labels])
