@@ -97,10 +97,13 @@ def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300) -> subp
 
 
 def megamod_train(
-    nproc: int, overrides: list[str], cwd: Path, timeout: float = 300
+    nproc: int, overrides: list[str], cwd: Path, timeout: float = 300, config: Path = TINY_CONFIG
 ) -> subprocess.CompletedProcess:
-    """`torchrun -m megamod train tiny.yaml overrides...`, as a user runs it."""
-    args = ["-m", "megamod", "train", str(TINY_CONFIG), *overrides]
+    """`megamod train CONFIG overrides...` as a user runs it: one process on its own,
+    several under torchrun."""
+    args = ["-m", "megamod", "train", str(config), *overrides]
+    if nproc == 1:
+        return check(run([sys.executable, *args], cwd, timeout))
     return torchrun(nproc, args, cwd, timeout)
 
 

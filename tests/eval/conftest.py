@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import REPO, check, free_port, run, torchrun
+from tests.launcher import REPO, check, free_port, megamod_train, run
 
 STAGE3 = REPO / "examples" / "configs" / "moe_llava" / "tiny_stage3.yaml"
 PICTURES = ("astronaut", "chelsea", "coffee", "rocket")
@@ -83,9 +83,8 @@ def write_benchmark_files(root: Path) -> None:
 @pytest.fixture(scope="session")
 def eval_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_stage3")
-    torchrun(1, ["-m", "megamod", "train", str(STAGE3), "train.train_iters=1", "checkpoint.load=null",
-                 "checkpoint.save_interval=null", "logging.tensorboard_dir=null",
-                 f"checkpoint.save_dir={root}/ckpt"], cwd=root)
+    megamod_train(1, ["train.train_iters=1", "checkpoint.load=null", "checkpoint.save_interval=null",
+                      "logging.tensorboard_dir=null", f"checkpoint.save_dir={root}/ckpt"], cwd=root, config=STAGE3)
     write_benchmark_files(root)
     return root
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from megamod.data.tokenizer import load_tokenizer
-from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, megamod_train, run, torchrun
+from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, launch, megamod_train, run
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 TINY_VOCAB = load_tokenizer("tiny").vocab_size
@@ -146,7 +146,7 @@ def test_a_resume_that_turns_mod_on_or_off_is_refused_and_writes_nothing(run_a, 
 
 
 def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
-    torchrun(2, [WORKER, "logits", str(tmp_path), str(run_a / "ckpt")], cwd=tmp_path)
+    launch(2, [WORKER, "logits", str(tmp_path), str(run_a / "ckpt")], cwd=tmp_path)
     tp2, tp1 = torch.load(tmp_path / "logits_tp2.pt"), torch.load(tmp_path / "logits_tp1.pt")
     assert tp2.shape == tp1.shape and tp2.abs().sum() > 0
     torch.testing.assert_close(tp1, tp2, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.launcher import REPO, check, launch, run, torchrun
+from tests.launcher import REPO, check, launch, megamod_train, run
 
 WORKER = str(REPO / "tests" / "training" / "pipeline_worker.py")
 
@@ -75,7 +75,7 @@ PP2_LAYOUT = ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_
 
 def _train(nproc: int, config, overrides: list[str], cwd) -> dict[int, dict]:
     """Each step's logged record, by iteration."""
-    result = torchrun(nproc, ["-m", "megamod", "train", str(config), *overrides], cwd, timeout=600)
+    result = megamod_train(nproc, overrides, cwd, timeout=600, config=config)
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"iteration"')]
     return {r["iteration"]: r for r in records}
 
