@@ -5,7 +5,7 @@ shape's peer, on the same micro-batches, built in one process and timed interlea
     python benchmarks/run.py --quick [--steps 5] [--warmup 1] [--variants dense,mod,hf] [--json]
     python benchmarks/run.py --quick --set model.language.seq_length=1280   # a shape's variation
     python benchmarks/run.py --dry-run      # the default ~1B GPU shape on paper: shapes, FLOPs
-    python benchmarks/run.py --quick --data-mix llava665k [--samples 48] [--json]   # or stage1
+    python benchmarks/run.py --quick --data-mix llava665k [--samples 256] [--json]   # or stage1
 
 `--data-mix` is issue 17's benchmark instead of the step one: useful (non-padding) tokens/s
 of the dense and MoD models on sample lengths modelled on a LLaVA data mix, padded to
@@ -49,6 +49,7 @@ not run yet): an H200, or on an 80 GB H100 e.g. `--variants dense,mod,hf`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -387,13 +388,14 @@ def results_of(variant: Variant, tokens_per_step: int, peak: float | None) -> di
 
 def data_mix_benchmark(
     mix: str, names: list[str], shape_name: str, extra: list[str], samples: int, epochs: int,
-    warmup: int,
+    warmup: int, peer_batch: int | None = None,
 ) -> dict:
     """Issue 17's benchmark (`benchmarks/packing.py`, whose docstring says what it models):
     the dense and MoD models, built with data.packing=true so that one model serves every
     mode, step through the same samples padded to seq_length, dynamically padded and packed;
-    the HF peer (SDPA, an attention_mask) through the dynamic micro-batches. Returns the
-    summary."""
+    the HF peer (SDPA, an attention_mask) through the official run's micro-batches of them
+    and through megamod's dynamic ones. `peer_batch` replaces the peer recipe's per-device
+    batch (the smoke test's). Returns the summary."""
     import numpy as np
     from megatron.core.utils import unwrap_model
 
@@ -413,18 +415,21 @@ def data_mix_benchmark(
     special = [*tokenizer.hf.all_special_ids, dense.image_token_id]
     ids = packing.TokenIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, image=dense.image_token_id,
                            text=np.setdiff1d(np.arange(tokenizer.vocab_size), special))
-    drawn = packing.draw_samples(packing.MIXES[mix], samples, language.seq_length,
-                                 vision.num_patches, vision.image_size, ids, config.train.seed)
-    batches = packing.mode_batches(drawn, config.train.micro_batch_size, language.seq_length,
-                                   tokenizer.pad_id, vision.image_size)
+    recipe = packing.PEER_RECIPES[mix]
+    if peer_batch:
+        recipe = dataclasses.replace(recipe, per_device_batch=peer_batch)
+    drawn, official = packing.draw_samples(mix, samples, language.seq_length, vision.num_patches,
+                                           vision.image_size, ids, config.train.seed, recipe)
+    batches = packing.mode_batches(drawn, official, config.train.micro_batch_size,
+                                   language.seq_length, tokenizer.pad_id, vision.image_size)
     runs = {f"{name}/{mode}": (lambda micro_batches, state=state: train_step(state, micro_batches),
                                    batches[mode])
-            for name, state in states.items() for mode in packing.MODES}
+            for name, state in states.items() for mode in packing.MEGAMOD_MODES}
     if "hf" in names:
         hf = Variant("hf", overrides["dense"], config)
         step_on = build_hf(hf, batches["dynamic"][:1], dense.image_token_id, dense,
                            attention="sdpa", attention_mask=True)
-        runs["hf/dynamic"] = (step_on, batches["dynamic"])
+        runs.update({f"hf/{mode}": (step_on, batches[mode]) for mode in packing.PEER_MODES})
     # Model FLOPs as megamod counts them (StepFlops: padding computed, a packed row one sample).
     counters = {name: StepFlops(c, dense.language_model.vocab_size, dense.image_token_id)
                 for name, c in configs.items()}
@@ -442,7 +447,8 @@ def data_mix_benchmark(
         "dtype": config.precision.params_dtype,
         "seq_length": language.seq_length,
         "image_tokens": vision.num_patches,
-        "samples": samples,
+        "samples": len(drawn),
+        "peer_recipe": dataclasses.asdict(recipe),
         "epochs": epochs,
         "warmup": warmup,
         "sample_lengths": lengths,
@@ -476,7 +482,11 @@ def main() -> None:
     parser.add_argument("--data-mix", choices=list(packing.MIXES),
                         help="instead: useful tokens/s on this mix's sample lengths, padded, "
                              "dynamically padded and packed (benchmarks/packing.py)")
-    parser.add_argument("--samples", type=int, default=48, help="--data-mix: samples (an epoch)")
+    parser.add_argument("--samples", type=int, default=256,
+                        help="--data-mix: samples (an epoch), rounded down to whole micro-batches "
+                             "of the official run (16 for llava665k, 32 for stage1)")
+    parser.add_argument("--peer-batch", type=int,
+                        help="--data-mix: the official run's per-device batch instead of the recipe's")
     parser.add_argument("--epochs", type=int, default=1, help="--data-mix: timed epochs per run")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     args = parser.parse_args()
@@ -496,7 +506,7 @@ def main() -> None:
         if set(names) - set(DATA_MIX_VARIANTS):
             parser.error(f"--data-mix: --variants a subset of {','.join(DATA_MIX_VARIANTS)} with dense")
         summary = data_mix_benchmark(args.data_mix, names, shape_name, args.set, args.samples,
-                                     args.epochs, args.warmup)
+                                     args.epochs, args.warmup, args.peer_batch)
         packing.print_table(summary)
         if args.json:
             print(json.dumps(summary))

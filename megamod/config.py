@@ -374,8 +374,9 @@ class DataConfig:
     padding: Literal["longest", "max_length"] = "longest"
     pad_to_multiple: int = 8
     # Without packing: sort each step's samples on a rank by length before cutting them into
-    # micro-batches (LLaVA's group_by_modality_length, within a step), so that micro-batches
-    # hold samples of similar length and pad less.
+    # micro-batches, so that micro-batches hold samples of similar length and pad less.
+    # (LLaVA's group_by_modality_length does otherwise: it gives every rank's micro-batch
+    # one of a random megabatch's longest samples, to even the ranks' work.)
     group_by_length: bool = False
     # Images over this many pixels (width x height, read from the header before decoding)
     # or this many bytes are skipped and counted like any unusable sample; a 13000 x 13000

@@ -160,20 +160,22 @@ def test_data_mix_runs_every_sample_once_in_every_mode():
     the issue asks for, and each mode steps exactly the samples drawn: the non-padding
     tokens of its micro-batches (counted from their padding masks) are the sum of the
     samples' lengths. Padded rows are all seq_length long; the short smoke samples pack
-    several to a row. No timing is asserted."""
-    samples = 6
+    several to a row; the official run's micro-batches hold the peer batch's samples each.
+    No timing is asserted."""
+    samples, peer_batch = 6, 2
     cmd = [sys.executable, "benchmarks/run.py", "--smoke", "--data-mix", "llava665k",
-           "--samples", str(samples), "--json"]
+           "--samples", str(samples), "--peer-batch", str(peer_batch), "--json"]
     out = json.loads(check(run(cmd, REPO, timeout=120)).stdout.strip().splitlines()[-1])
     assert {"ratio_packed_vs_padded_useful_tokens", "ratio_packed_vs_hf_useful_tokens",
-            "ratio_dynamic_vs_padded_useful_tokens", "ratio_mod_vs_dense_packed",
-            "ratio_mod_vs_dense_padded"} <= out["ratios"].keys()
+            "ratio_dynamic_vs_padded_useful_tokens", "ratio_dense_vs_hf_same_micro_batches",
+            "ratio_mod_vs_dense_packed", "ratio_mod_vs_dense_padded"} <= out["ratios"].keys()
     assert set(out["runs"]) == {f"{model}/{mode}" for model in ("dense", "mod")
-                                for mode in ("padded", "dynamic", "packed")} | {"hf/dynamic"}
+                                for mode in ("padded", "dynamic", "packed")} | {"hf/dynamic", "hf/official"}
+    assert out["peer_recipe"] == {"per_device_batch": peer_batch, "ranks": 8, "group_by_modality_length": True}
     lengths, seq_length = out["sample_lengths"], out["seq_length"]
     assert len(lengths) == samples and all(0 < n <= seq_length for n in lengths)
     modes = out["modes"]
-    assert set(modes) == {"padded", "dynamic", "packed"}
+    assert set(modes) == {"padded", "dynamic", "packed", "official"}
     for mode, figures in modes.items():
         assert figures["useful_tokens"] == sum(lengths), mode
         assert figures["padding_fraction"] == pytest.approx(
@@ -181,3 +183,68 @@ def test_data_mix_runs_every_sample_once_in_every_mode():
     assert modes["padded"]["positions"] == samples * seq_length
     assert modes["dynamic"]["positions"] < modes["padded"]["positions"]
     assert modes["packed"]["rows"] < samples
+    assert modes["official"]["rows"] == samples and modes["official"]["steps"] == samples // peer_batch
+
+
+# The official sampler, run unmodified under its pinned transformers (whose Trainer
+# module it imports; only tokenizing's optional packages are left visible to it, as
+# tests/data/llava_reference.py does).
+OFFICIAL_SAMPLER = """
+import json, sys
+import torch
+import transformers.utils.import_utils as flags
+needed = {"_torch_available", "_tokenizers_available", "_sentencepiece_available",
+          "_protobuf_available", "_safetensors_available"}
+for name, value in vars(flags).copy().items():
+    if name.endswith("_available") and isinstance(value, bool) and name not in needed:
+        setattr(flags, name, False)
+from llava.train.llava_trainer import get_modality_length_grouped_indices
+out = []
+for case in json.load(sys.stdin):
+    torch.manual_seed(case["seed"])
+    generator = torch.Generator().manual_seed(case["seed"])
+    out.append(get_modality_length_grouped_indices(case["lengths"], case["batch_size"],
+                                                   case["world_size"], generator))
+print(json.dumps(out))
+"""
+
+
+def test_peer_sampler_orders_samples_as_llavas(official_llava):
+    """benchmarks/packing.py's transliteration of LLaVA's `group_by_modality_length` sampler
+    gives the official function's order, index for index, under the same seeds: both
+    modalities with remainders, exact megabatches, one modality, and chunks that do not
+    divide (split_to_even_chunks' round-robin branch)."""
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import packing
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rng = torch.Generator().manual_seed(0)
+
+    def lengths(count: int, text_only_share: float) -> list[int]:
+        values = torch.randint(1, 400, (count,), generator=rng).tolist()
+        text = (torch.rand(count, generator=rng) < text_only_share).tolist()
+        return [-n if t else n for n, t in zip(values, text)]
+
+    cases = [
+        {"lengths": lengths(300, 0.1), "batch_size": 4, "world_size": 8, "seed": 1},
+        {"lengths": lengths(256, 0.0), "batch_size": 16, "world_size": 8, "seed": 2},
+        {"lengths": [-n for n in lengths(70, 0.0)], "batch_size": 4, "world_size": 2, "seed": 3},
+        {"lengths": lengths(90, 0.3), "batch_size": 3, "world_size": 5, "seed": 4},
+        {"lengths": lengths(50, 0.5), "batch_size": 7, "world_size": 3, "seed": 5},  # 21 a megabatch
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": str(official_llava)}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", OFFICIAL_SAMPLER],
+                            input=json.dumps(cases), capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    official = json.loads(result.stdout)
+    for case, expected in zip(cases, official, strict=True):
+        torch.manual_seed(case["seed"])
+        generator = torch.Generator().manual_seed(case["seed"])
+        ours = packing.modality_length_grouped_indices(case["lengths"], case["batch_size"],
+                                                       case["world_size"], generator)
+        assert ours == expected
+        assert sorted(ours) == list(range(len(case["lengths"])))
