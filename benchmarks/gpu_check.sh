@@ -11,6 +11,10 @@
 #                    falls; fp8's loss after 20 steps within 2 % of bf16's
 #   distopt          the same bf16 run with parallel.use_distributed_optimizer=true on 1
 #                    GPU: its losses against the plain optimizer's
+#   packed           p-MoD's tiny config (examples/configs/pmod/tiny.yaml) with
+#                    data.packing=true, TE specs, bf16, 20 steps: packed rows' attention
+#                    (SDPA with a per-sample mask beside TE's layers) and MoD's per-sample
+#                    top-k on the GPU; the loss falls, data/padding_fraction reported
 #   dali             DALI `mixed` (nvJPEG) decode + CLIP preprocessing of the tiny data
 #                    set's images against the CPU paths (Pillow, DALI CPU): max and mean
 #                    pixel difference
@@ -53,7 +57,7 @@ REPO=$(dirname "$HERE")
 OUT=$(realpath -m "${1:-$REPO/runs/gpu_check}")
 WHEELS=${GPU_CHECK_WHEELS:-$HERE/gpu_wheels}
 BUDGET=${GPU_CHECK_BUDGET:-450}
-PARTS=${GPU_CHECK_PARTS:-setup te_bf16 te_fp8 distopt dali generate convert step}
+PARTS=${GPU_CHECK_PARTS:-setup te_bf16 te_fp8 distopt packed dali generate convert step}
 PY=${PYTHON:-python}
 TINY=examples/configs/tiny.yaml
 # The tiny runs: 20 steps, nothing written but what a part needs.
@@ -138,7 +142,7 @@ json.dump(env, open(sys.argv[1], "w"))
 PY
 
 # ------------------------------------------------- tiny runs and DALI, side by side
-# Four small jobs share the GPU at once (each a few hundred MiB): their numbers do not
+# Five small jobs share the GPU at once (each a few hundred MiB): their numbers do not
 # depend on it, and the budget would not hold them one after another.
 
 dali_check() {
@@ -182,6 +186,8 @@ part te_fp8 200 "$PY" -m megamod train "$TINY" "${TINY_RUN[@]}" precision.params
     precision.fp8=hybrid &
 part distopt 200 "$PY" -m megamod train "$TINY" "${TINY_RUN[@]}" precision.params_dtype=bf16 \
     parallel.use_distributed_optimizer=true &
+part packed 200 "$PY" -m megamod train examples/configs/pmod/tiny.yaml "${TINY_RUN[@]}" \
+    precision.params_dtype=bf16 data.packing=true &
 part dali 200 bash -c dali_check &
 wait
 
@@ -306,12 +312,16 @@ def part_json(name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def losses(name):
-    """train/loss by iteration from a `megamod train` log's JSON lines."""
+def logged(name, key):
+    """`key` by iteration from a `megamod train` log's JSON lines."""
     path = out / "logs" / f"{name}.log"
     lines = path.read_text().splitlines() if path.exists() else []
     records = [json.loads(l) for l in lines if l.startswith('{"iteration"')]
-    return [r["train/loss"] for r in records if "train/loss" in r]
+    return [r[key] for r in records if key in r]
+
+
+def losses(name):
+    return logged(name, "train/loss")
 
 
 def verdict(ok):
@@ -329,6 +339,16 @@ for name, run in (("bf16", bf16), ("fp8 (hybrid, delayed scaling)", fp8)):
     else:
         rows.append((f"tiny, TE specs, {name}: loss at steps 1 -> 20", f"{len(run)} steps logged",
                      "falls", f"**{status(part)}**"))
+packed = losses("packed")
+if len(packed) >= 20:
+    padding = logged("packed", "data/padding_fraction")
+    figure = f"{packed[0]:.3f} -> {packed[19]:.3f}" + (
+        f"; padding {sum(padding) / len(padding):.1%} of the rows' positions" if padding else "")
+    rows.append(("p-MoD tiny, TE specs, packed rows, bf16: loss at steps 1 -> 20", figure, "falls",
+                 verdict(packed[19] < packed[0])))
+else:
+    rows.append(("p-MoD tiny, TE specs, packed rows, bf16: loss at steps 1 -> 20",
+                 f"{len(packed)} steps logged", "falls", f"**{status('packed')}**"))
 if len(bf16) >= 20 and len(fp8) >= 20:
     gap = abs(fp8[19] - bf16[19]) / bf16[19]
     rows.append(("fp8 vs bf16: loss after 20 steps", f"{gap:.2%} apart", "<= 2 %", verdict(gap <= 0.02)))
@@ -427,7 +447,8 @@ if step_rows:
         "| FLOPs vs dense |", "|---|---|---|---|---|---|---|---|---|", *step_rows, "",
     ]
 lines += ["Parts: " + "; ".join(f"{name} {status(name)}" for name in
-                                ("setup", "te_bf16", "te_fp8", "distopt", "dali", "generate", "convert", "step")), ""]
+                                ("setup", "te_bf16", "te_fp8", "distopt", "packed", "dali", "generate",
+                                 "convert", "step")), ""]
 report = "\n".join(lines)
 (out / "RESULTS-gpu.md").write_text(report)
 print(report)
