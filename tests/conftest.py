@@ -3,6 +3,13 @@
 - `llama_sp_tokenizer`: a Llama/Vicuna-style SentencePiece tokenizer folder
   (`tokenizer.model` + `tokenizer_config.json`, no `tokenizer.json`), trained offline by
   `tests/sp_tokenizer.py`; give its path to `load_tokenizer` or a config's `data.tokenizer`.
+- `tiny_checkpoint`: a `checkpoint.save_dir` of the tiny dense model trained 2 steps in one
+  process (`megamod train`), saved after each (iterations 1 and 2); shared by
+  tests/training/test_damaged_checkpoint.py and tests/eval/test_command.py, which copy it
+  before they change or add anything.
+- `tiny_tp2_sp_checkpoint`: a `checkpoint.save_dir` of the tiny dense model trained 2 steps
+  at TP=2 + SP (`megamod train` under torchrun), saved once at the end; shared by
+  tests/test_inspect.py and tests/moe/test_upcycle.py, which only read it.
 - `official_llava`: a folder holding the official LLaVA package (llava-torch==1.2.2.post1)
   and the transformers/tokenizers/sentencepiece it pins, installed once with pip into
   ~/.cache/megamod-tests (override with MEGAMOD_LLAVA_REF_DIR). It is not importable here
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.launcher import megamod_train
 from tests.sp_tokenizer import build_llama_sp_tokenizer
 
 # llava-torch 1.2.2.post1 pins transformers==4.36.2, tokenizers==0.15.0, sentencepiece==0.1.99;
@@ -43,6 +51,25 @@ OFFICIAL_LLAVA_REQUIREMENTS = (
 def llama_sp_tokenizer(tmp_path_factory) -> Path:
     """A Vicuna-style SentencePiece tokenizer folder (see tests/sp_tokenizer.py)."""
     return build_llama_sp_tokenizer(tmp_path_factory.mktemp("llama_sp_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny dense model's save_dir after 2 steps, saved at 1 and 2 (copy it to change it)."""
+    root = tmp_path_factory.mktemp("tiny")
+    megamod_train(1, ["train.train_iters=2", "checkpoint.save_interval=1",
+                      f"checkpoint.save_dir={root}/ckpt", "logging.tensorboard_dir=null"], cwd=root)
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_tp2_sp_checkpoint(tmp_path_factory) -> Path:
+    """The tiny dense model's save_dir after 2 steps at TP=2 + SP (read it, never write it)."""
+    root = tmp_path_factory.mktemp("tiny_tp2_sp")
+    megamod_train(2, ["train.train_iters=2", "parallel.tensor_model_parallel_size=2",
+                      "parallel.sequence_parallel=true", "checkpoint.save_interval=null",
+                      "logging.tensorboard_dir=null", f"checkpoint.save_dir={root}/ckpt"], cwd=root)
+    return root / "ckpt"
 
 
 def _official_llava_dir() -> Path:

@@ -1,5 +1,6 @@
-"""The one way tests start processes: torchrun, plain ranks (`launch`) or the CLI, with a
-timeout and the log kept.
+"""The one way tests start processes: torchrun, plain ranks (`launch`, one script or several:
+`launch_scripts`), the CLI, or several CLI commands in one process (`megamod_commands`),
+with a timeout and the log kept.
 
 A launch costs ~10 s of imports on 2 cores, so each launch runs many checks.
 """
@@ -96,6 +97,18 @@ def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 300) -> subp
         [sys.executable, *args], failed, "".join(o for o, _ in text), "".join(e for _, e in text)))
 
 
+def launch_scripts(
+    nproc: int, scripts: list[list[object]], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Several worker scripts, each `[SCRIPT, ARG...]`, as ONE `launch` of `nproc` ranks: each
+    rank runs them one after another as `__main__` (tests/run_scripts.py), paying one start
+    for all of them."""
+    import json
+
+    jobs = [json.dumps([str(a) for a in script]) for script in scripts]
+    return launch(nproc, [str(REPO / "tests" / "run_scripts.py"), *jobs], cwd, timeout)
+
+
 def megamod_train(
     nproc: int, overrides: list[str], cwd: Path, timeout: float = 300, config: Path = TINY_CONFIG
 ) -> subprocess.CompletedProcess:
@@ -105,6 +118,26 @@ def megamod_train(
     if nproc == 1:
         return check(run([sys.executable, *args], cwd, timeout))
     return torchrun(nproc, args, cwd, timeout)
+
+
+def megamod_commands(
+    commands: list[list[object]], cwd: Path, timeout: float = 300
+) -> list[subprocess.CompletedProcess]:
+    """Several one-process `megamod ...` commands (argv without `megamod`) run one after
+    another in ONE process (tests/megamod_commands.py: `megamod.__main__.main(argv)` each),
+    for checks of what commands print, write and exit with, not of their process (signals,
+    launchers): one start (~9 s of imports) for them all. Each result has the command's exit code
+    and output; a command that crashes ends the process and fails the check."""
+    import json
+
+    with tempfile.TemporaryDirectory() as scratch:
+        commands_file, results_file = Path(scratch) / "commands.json", Path(scratch) / "results.json"
+        commands_file.write_text(json.dumps([[str(a) for a in argv] for argv in commands]))
+        check(run([sys.executable, str(REPO / "tests" / "megamod_commands.py"), str(commands_file),
+                   str(results_file)], cwd, timeout))
+        results = json.loads(results_file.read_text())
+    return [subprocess.CompletedProcess(["megamod", *map(str, argv)], r["returncode"], r["stdout"], r["stderr"])
+            for argv, r in zip(commands, results)]
 
 
 def parallel_worker_results(worker: Path, variants: tuple[str, ...], out: Path) -> dict:

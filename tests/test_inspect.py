@@ -23,7 +23,6 @@ import pytest
 from tests.launcher import REPO, TINY_CONFIG, check, free_port, megamod_train, run
 
 MOE = ["moe.num_experts=4", "moe.layer_freq=2"]
-TP2_SP = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 NO_OUTPUTS = ["checkpoint.save_interval=null", "logging.tensorboard_dir=null"]
 BATCHES = 2
 
@@ -38,14 +37,24 @@ def inspect(*args: object, cwd: Path) -> subprocess.CompletedProcess:
                extra_env={"MASTER_PORT": str(free_port())})
 
 
+def inspect_here(capsys, *args: object) -> subprocess.CompletedProcess:
+    """`megamod inspect ARGS` in this process (its checks before a routing analysis need no
+    process group; the command's own process is tested by the routing reports)."""
+    from megamod.__main__ import main
+
+    code = main(["inspect", *map(str, args)])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["megamod", "inspect", *map(str, args)], code, out, err)
+
+
 @pytest.fixture(scope="module")
 def moe_ckpt(tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("moe"), 1, MOE + ["train.train_iters=2"])
 
 
 @pytest.fixture(scope="module")
-def dense_ckpt(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("dense"), 2, TP2_SP + ["train.train_iters=2"])
+def dense_ckpt(tiny_tp2_sp_checkpoint) -> Path:
+    return tiny_tp2_sp_checkpoint  # trained at TP=2 + SP (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +213,8 @@ def test_routing_table_prints_every_share(report):
             assert [float(c) for c in cells[2:6]] == pytest.approx(shares, abs=5e-4)
 
 
-def test_dense_summary_at_tp2(dense_ckpt, reference):
-    result = check(inspect(dense_ckpt, cwd=dense_ckpt.parent))
+def test_dense_summary_at_tp2(dense_ckpt, reference, capsys):
+    result = check(inspect_here(capsys, dense_ckpt))
     out = result.stdout
     assert f"{dense_ckpt}, iteration 2" in out
     assert "tensor_model_parallel_size=2" in out and "world_size=2" in out
@@ -217,15 +226,15 @@ def test_dense_summary_at_tp2(dense_ckpt, reference):
     assert "activated" not in out
 
 
-def test_routing_on_a_dense_checkpoint_exits_2(dense_ckpt):
-    result = inspect(dense_ckpt, "--routing", "--data", "tiny", cwd=dense_ckpt.parent)
+def test_routing_on_a_dense_checkpoint_exits_2(dense_ckpt, capsys):
+    result = inspect_here(capsys, dense_ckpt, "--routing", "--data", "tiny")
     assert result.returncode == 2, result.stderr
     assert f"{dense_ckpt} has no MoE layers" in result.stderr and "upcycle" in result.stderr
 
 
-def test_missing_checkpoint_exits_2_naming_it(tmp_path):
+def test_missing_checkpoint_exits_2_naming_it(tmp_path, capsys):
     missing = tmp_path / "no_such_run"
-    result = inspect(missing, cwd=tmp_path)
+    result = inspect_here(capsys, missing)
     assert result.returncode == 2 and f"{missing} does not exist" in result.stderr
 
 

@@ -23,7 +23,7 @@ from megamod.eval import scorers
 from megamod.eval.normalize import normalize_answer
 from megamod.eval.tasks import OPTION_LETTER, SHORT_ANSWER
 from tests.eval.test_scorers import LLAVA_MME, write_mme
-from tests.launcher import check, free_port, megamod_train, run
+from tests.launcher import check, free_port, run
 
 QUESTIONS = [
     {"question_id": 1, "image": "astronaut.png", "text": "Is there a person in the image?",
@@ -39,14 +39,14 @@ LABELS = {1: "yes", 2: "yes", 3: "no", 4: "no", 5: "no"}
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(tmp_path_factory, tiny_checkpoint) -> Path:
     import numpy as np
     import skimage.data
     from PIL import Image
 
     root = tmp_path_factory.mktemp("eval")
-    megamod_train(1, ["train.train_iters=1", "checkpoint.save_interval=null",
-                      "logging.tensorboard_dir=null", f"checkpoint.save_dir={root}/ckpt"], cwd=root)
+    # tests/conftest.py's tiny run (its answers are nonsense, but any trained model does).
+    shutil.copytree(tiny_checkpoint, root / "ckpt", ignore=shutil.ignore_patterns("megamod.lock"))
     (root / "images").mkdir()
     for name in ("astronaut", "chelsea", "coffee"):
         Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(root / "images" / f"{name}.png")

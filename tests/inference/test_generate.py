@@ -23,7 +23,7 @@ import torch
 
 from megamod.config import load_config
 from megamod.data.tokenizer import load_tokenizer
-from tests.launcher import TINY_CONFIG, free_port, megamod_train, run, world_of_one
+from tests.launcher import TINY_CONFIG, free_port, megamod_commands, megamod_train, run, world_of_one
 
 QUIET = ["checkpoint.save_dir=null", "checkpoint.save_interval=null", "logging.tensorboard_dir=null"]
 PRD = ["mod.enabled=true"]  # the default schedule: 3 of the 4 tiny layers are MoD layers
@@ -177,26 +177,28 @@ def test_generate_command(trained):
     assert answer["prompt_tokens"] > 16
     assert 0 < answer["kv_cache_bytes"] < answer["kv_cache_bytes_dense"]
 
-    plain = generate("--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt", "Describe it.",
-                     "--max-new-tokens", 3, cwd=trained)
+    # The rest is about what the command prints and its exit code: all in one process
+    # (the process boundary is the first command's).
+    bad = [
+        (["--checkpoint", "ckpt", "--image", "missing.png", "--prompt", "x"], "missing.png"),
+        (["--checkpoint", "ckpt", "--image", "ckpt/latest_checkpointed_iteration.txt", "--prompt", "x"],
+         "not a readable image"),
+        (["--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt", "<image> and <image>?"], "--image"),
+        (["--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "0"],
+         "--max-new-tokens"),
+        # Would size a KV cache of 10^9 tokens (tens of GB): refused, naming the most that fits.
+        (["--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "1000000000"],
+         ("seq_length=128 (the longest sequence it was trained on, which also bounds the KV cache): "
+          "give --max-new-tokens")),
+        (["--checkpoint", "nowhere", "--prompt", "x"], "nowhere"),
+    ]
+    plain, *refused = megamod_commands(
+        [["generate", "--checkpoint", "ckpt", "--image", "astronaut.png", "--prompt", "Describe it.",
+          "--max-new-tokens", 3]] + [["generate", *args] for args, _ in bad], cwd=trained)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "KV cache" in plain.stderr and "prompt" in plain.stderr
-
-    bad = [
-        (["--image", "missing.png", "--prompt", "x"], "missing.png"),
-        (["--image", "ckpt/latest_checkpointed_iteration.txt", "--prompt", "x"], "not a readable image"),
-        (["--image", "astronaut.png", "--prompt", "<image> and <image>?"], "--image"),
-        (["--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
-        # Would size a KV cache of 10^9 tokens (tens of GB): refused, naming the most that fits.
-        (["--image", "astronaut.png", "--prompt", "x", "--max-new-tokens", "1000000000"],
-         "seq_length=128 (the longest sequence it was trained on, which also bounds the KV cache): "
-         "give --max-new-tokens"),
-    ]
-    for args, word in bad:
-        result = generate("--checkpoint", "ckpt", *args, cwd=trained)
+    for (args, word), result in zip(bad, refused):
         assert result.returncode == 2 and word in result.stderr, (args, result.stderr[-2000:])
-    missing = generate("--checkpoint", "nowhere", "--prompt", "x", cwd=trained)
-    assert missing.returncode == 2 and "nowhere" in missing.stderr
 
 
 def test_a_save_dir_carries_its_hugging_face_tokenizer(tmp_path):

@@ -1,6 +1,6 @@
 """`megamod upcycle` (MoE-LLaVA stage 2 -> 3) against the dense model it starts from.
 
-One tiny dense checkpoint is trained once (2 processes, TP=2 + SP) and upcycled once
+One tiny dense checkpoint (2 processes, TP=2 + SP: tests/conftest.py's, shared) is upcycled once
 through the CLI (`--layer-freq 2`, replacing a non-empty output with `--force`). The
 checks run in this process as a world of one (TP=1), with models built and loaded as
 `megamod train` builds and loads them, plus one 2-process stage-3 start at EP=2. Expected key names are written out
@@ -32,14 +32,10 @@ def upcycle_command(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dense_ckpt(tmp_path_factory):
-    """Trained at TP=2 + SP: upcycling takes a checkpoint of any TP (the checks build the
-    dense reference at TP=1 from it)."""
-    root = tmp_path_factory.mktemp("dense")
-    megamod_train(2, ["train.train_iters=2", f"checkpoint.save_dir={root}/ckpt",
-                      "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
-                      "checkpoint.save_interval=null", "logging.tensorboard_dir=null"], cwd=root)
-    return root / "ckpt"
+def dense_ckpt(tiny_tp2_sp_checkpoint):
+    """Trained at TP=2 + SP (tests/conftest.py): upcycling takes a checkpoint of any TP (the
+    checks build the dense reference at TP=1 from it)."""
+    return tiny_tp2_sp_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +183,13 @@ def test_stage3_starts_at_expert_parallel_2_with_the_dense_loss(world, dense_ckp
     assert first_loss(result.stdout) == pytest.approx((totals[0] / totals[1]).item(), abs=1e-4)
 
 
-def test_missing_input_exits_2_naming_it(tmp_path):
+def test_missing_input_exits_2_naming_it(tmp_path, capsys):
+    from megamod.__main__ import main
+
     missing = tmp_path / "stage2"
-    result = run(upcycle_command("--input", str(missing), "--output", str(tmp_path / "out"),
-                                 "--num-experts", "4", "--layer-freq", "2"), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert f"{missing} does not exist" in result.stderr
+    assert main(["upcycle", "--input", str(missing), "--output", str(tmp_path / "out"),
+                 "--num-experts", "4", "--layer-freq", "2"]) == 2
+    assert f"{missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

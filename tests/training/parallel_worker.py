@@ -79,6 +79,7 @@ def grads(out_dir: Path) -> None:
         for name, param in unwrap_model(state.model).named_parameters():
             if param.requires_grad:
                 result["grads"][name] = gather_tp(param.main_grad, param)
+        state.loader.close()
         if torch.distributed.get_rank() == 0:
             dp = world // tp
             torch.save(result, out_dir / f"grads_tp{tp}_sp{int(sp)}_dp{dp}.pt")

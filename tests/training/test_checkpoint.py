@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from megamod.data.tokenizer import load_tokenizer
-from tests.launcher import REPO, TINY_CONFIG, env as _env, free_port, launch, megamod_train, run
+from tests.launcher import (
+    REPO, TINY_CONFIG, env as _env, free_port, launch, megamod_commands, megamod_train, run,
+)
 
 WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 TINY_VOCAB = load_tokenizer("tiny").vocab_size
@@ -153,24 +155,25 @@ def test_tp2_checkpoint_loads_at_tp1_with_identical_logits(run_a, tmp_path):
 
 
 def test_unusable_checkpoints_exit_2_naming_the_problem(run_a, tmp_path):
-    def train_from(load: Path, *extra: str):
-        cmd = [sys.executable, "-m", "megamod", "train", str(TINY_CONFIG), "train.train_iters=11",
-               f"checkpoint.load={load}", "checkpoint.save_dir=null", "checkpoint.save_interval=null",
-               "logging.tensorboard_dir=null", *extra]
-        return run(cmd, cwd=tmp_path, extra_env={"MASTER_PORT": str(free_port())})
+    torn = stopped_at(run_a / "ckpt", 10, tmp_path / "torn")
+    shard = sorted((torn / "iter_0000010").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
-    other_shape = train_from(run_a / "ckpt", "model.language.ffn_hidden_size=320")
+    def train_from(load: Path, *extra: str) -> list[str]:
+        return ["train", str(TINY_CONFIG), "train.train_iters=11", f"checkpoint.load={load}",
+                "checkpoint.save_dir=null", "checkpoint.save_interval=null", "logging.tensorboard_dir=null",
+                *extra]
+
+    # Messages and exit codes: the three commands in one process.
+    other_shape, no_checkpoint, damaged = megamod_commands(
+        [train_from(run_a / "ckpt", "model.language.ffn_hidden_size=320"), train_from(tmp_path),
+         train_from(torn)], cwd=tmp_path)
     assert other_shape.returncode == 2, other_shape.stderr[-3000:]
     error = next(line for line in other_shape.stderr.splitlines() if line.startswith("error:"))
     assert "model.language.ffn_hidden_size is 352 there but 320 here" in error
     assert "model.language.ffn_hidden_size=352" in error and len(other_shape.stderr) < 2000
-    no_checkpoint = train_from(tmp_path)
     assert no_checkpoint.returncode == 2
     assert "latest_checkpointed_iteration.txt does not exist" in no_checkpoint.stderr
-    torn = stopped_at(run_a / "ckpt", 10, tmp_path / "torn")
-    shard = sorted((torn / "iter_0000010").glob("*.distcp"))[-1]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    damaged = train_from(torn)
     assert damaged.returncode == 2, damaged.stderr[-3000:]
     assert f"is damaged: {shard.name} is truncated" in damaged.stderr
     assert "model.*" not in damaged.stderr

@@ -20,18 +20,16 @@ import pytest
 from megamod.config import CheckpointConfig
 from megamod.errors import CheckpointError
 from megamod.training import checkpoint
-from tests.launcher import TINY_CONFIG, free_port, megamod_train, run
+from tests.launcher import TINY_CONFIG, free_port, run
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
 @pytest.fixture(scope="module")
-def save_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("damaged")
-    megamod_train(1, ["train.train_iters=2", "checkpoint.save_interval=1",
-                      f"checkpoint.save_dir={root}/ckpt", "logging.tensorboard_dir=null"], cwd=root)
-    assert checkpoint.saved_iterations(root / "ckpt") == [1, 2]
-    return root / "ckpt"
+def save_dir(tiny_checkpoint) -> Path:
+    """tests/conftest.py's tiny run: damaged only in copies."""
+    assert checkpoint.saved_iterations(tiny_checkpoint) == [1, 2]
+    return tiny_checkpoint
 
 
 def _truncate(path: Path) -> None:

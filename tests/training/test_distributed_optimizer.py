@@ -2,14 +2,15 @@
 as the plain optimizer does, and its checkpoints resume at another DP size and across the
 two optimizers.
 
-Three launches (tests/training/distopt_worker.py): 2 processes (DP=2, fp32 and bf16,
-plain and distributed, STEPS steps each; the distributed runs save), 1 process (the plain
-optimizer resumes them at DP=1, and saves again), 4 processes (TP=2 + SP at DP=2; MoE with
-EP=2, so experts shard over their expert-DP group of 2 and the rest over DP=4; the
-distributed optimizer resumes both checkpoints at DP=4). The reference for each
-distributed run is the plain optimizer's run of the same layout in the same launch: its
-Adam state is megatron-core's `FP32Optimizer` / `Float16OptimizerWithFloat16Params`,
-whose DP=2 gradients tests/training/test_parallel.py checks against one process.
+Three launches (tests/training/distopt_worker.py, in tests/training/conftest.py's): 2
+processes (DP=2, fp32 and bf16, plain and distributed, STEPS steps each; the distributed
+runs save), 1 process (the plain optimizer resumes them at DP=1, and saves again), 4
+processes (TP=2 + SP at DP=2; MoE with EP=2, so experts shard over their expert-DP group
+of 2 and the rest over DP=4; the distributed optimizer resumes both checkpoints at DP=4).
+The reference for each distributed run is the plain optimizer's run of the same layout in
+the same launch: its Adam state is megatron-core's `FP32Optimizer` /
+`Float16OptimizerWithFloat16Params`, whose DP=2 gradients tests/training/test_parallel.py
+checks against one process.
 """
 
 from __future__ import annotations
@@ -19,18 +20,12 @@ import inspect
 import pytest
 import torch
 
-from tests.launcher import REPO, launch
-
-WORKER = str(REPO / "tests" / "training" / "distopt_worker.py")
 ADAM = ("param", "exp_avg", "exp_avg_sq")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distopt")
-    for nproc, mode in ((2, "dp2"), (1, "dp1"), (4, "four")):
-        launch(nproc, [WORKER, mode, str(out)], cwd=out, timeout=600)
-    return {p.stem: torch.load(p) for p in out.glob("*_rank*.pt")}
+def results(worker_outputs):
+    return {p.stem: torch.load(p) for p in (worker_outputs / "distopt").glob("*_rank*.pt")}
 
 
 def max_differences(run: dict, reference: dict) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 One 2-process launch computes one step's gradients at TP=2+SP (DP=1) and at TP=1 (DP=2,
 half the micro-batches each); one 1-process launch is the reference (4 micro-batches).
-All through the real path: setup() -> megatron-core DDP -> forward_backward schedule ->
+Both are tests/training/conftest.py's (the 2-process one runs the other modules' workers
+too). All through the real path: setup() -> megatron-core DDP -> forward_backward schedule ->
 finalize_model_grads. fp32 on CPU.
 """
 
@@ -11,17 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.launcher import REPO, launch
-
-WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
-
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grads")
-    launch(1, [WORKER, "grads", str(out)], cwd=out)
-    launch(2, [WORKER, "grads", str(out)], cwd=out)
-    return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
+def results(worker_outputs):
+    return {p.stem: torch.load(p) for p in (worker_outputs / "parallel").glob("grads_*.pt")}
 
 
 @pytest.mark.parametrize("layout", ["grads_tp2_sp1_dp1", "grads_tp1_sp0_dp2"])
@@ -35,12 +29,11 @@ def test_loss_and_gradients_match_single_process(results, layout):
         torch.testing.assert_close(other["grads"][name], ref_grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_tensor_parallel_ranks_use_one_set_of_batches(tmp_path):
+def test_tensor_parallel_ranks_use_one_set_of_batches(worker_outputs):
     """The TP ranks of a DP rank build their batches independently: images one of them
     decoded otherwise (DALI's Pillow fallback) become the first rank's, tokens that differ
     (a sample only one could read) stop the run, naming the cause."""
-    launch(2, [WORKER, "agreement", str(tmp_path)], cwd=tmp_path)
-    ranks = [torch.load(tmp_path / f"agreement_rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(worker_outputs / "parallel" / f"agreement_rank{r}.pt") for r in range(2)]
     for result in ranks:
         assert result["fingerprint_is_the_batches"] and result["warned_when_alike"] == 0
         assert result["warned_when_different"] == 1

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 
-from tests.launcher import REPO, check, launch, megamod_train, run
-
-WORKER = str(REPO / "tests" / "training" / "pipeline_worker.py")
+from tests.launcher import REPO, check, megamod_commands, megamod_train
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline_grads")
-    launch(1, [WORKER, "init", str(out)], cwd=out, timeout=600)
-    launch(4, [WORKER, "grads", str(out)], cwd=out, timeout=900)
-    return {p.stem: torch.load(p) for p in out.glob("grads_*.pt")}
+def results(worker_outputs):
+    """pipeline_worker.py's `init` (1 process) and `grads` (4 processes), in
+    tests/training/conftest.py's launches."""
+    return {p.stem: torch.load(p) for p in (worker_outputs / "pipeline").glob("grads_*.pt")}
 
 
 CASES = ["dense_pp2_dp2", "dense_tp2_sp_pp2", "tied_pp2_dp2", "moe_pp2_dp2_ep2",
@@ -73,42 +69,44 @@ PP2_LAYOUT = ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_
               "parallel.expert_tensor_parallel_size=1", "parallel.use_distributed_optimizer=true"]
 
 
-def _train(nproc: int, config, overrides: list[str], cwd) -> dict[int, dict]:
+def _records(stdout: str) -> dict[int, dict]:
     """Each step's logged record, by iteration."""
-    result = megamod_train(nproc, overrides, cwd, timeout=600, config=config)
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"iteration"')]
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"iteration"')]
     return {r["iteration"]: r for r in records}
 
 
-def _routing(save_dir, cwd) -> dict:
-    """`megamod inspect --routing` of a save_dir's latest checkpoint (a one-process tool)."""
-    result = check(run([sys.executable, "-m", "megamod", "inspect", str(save_dir), "--routing",
-                        "--data", "tiny", "--batches", "2", "--json"], cwd))
-    return json.loads(result.stdout.splitlines()[-1])
+def _train(nproc: int, config, overrides: list[str], cwd) -> dict[int, dict]:
+    return _records(megamod_train(nproc, overrides, cwd, timeout=600, config=config).stdout)
 
 
-def _generate(save_dir, cwd) -> dict:
-    """`megamod generate` (greedy, one process, the MoD-pruned KV cache) from a save_dir."""
+def _coffee(cwd) -> str:
     import numpy as np
     import skimage.data
     from PIL import Image
 
     image = cwd / "coffee.png"
-    if not image.exists():
-        Image.fromarray(np.asarray(skimage.data.coffee())).save(image)
-    result = check(run([sys.executable, "-m", "megamod", "generate", "--checkpoint", str(save_dir),
-                        "--image", str(image), "--prompt", "What is in the picture?",
-                        "--max-new-tokens", "8", "--json"], cwd))
-    return json.loads(result.stdout.splitlines()[-1])
+    Image.fromarray(np.asarray(skimage.data.coffee())).save(image)
+    return str(image)
+
+
+def _routing_command(save_dir) -> list:
+    """`megamod inspect --routing` of a save_dir's latest checkpoint (a one-process tool)."""
+    return ["inspect", save_dir, "--routing", "--data", "tiny", "--batches", "2", "--json"]
+
+
+def _generate_command(save_dir, image: str) -> list:
+    """`megamod generate` (greedy, one process, the MoD-pruned KV cache) from a save_dir."""
+    return ["generate", "--checkpoint", save_dir, "--image", image, "--prompt", "What is in the picture?",
+            "--max-new-tokens", "8", "--json"]
 
 
 def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
     """p-MoD + MoE (tiny_moe): one process trains 6 steps, saving every 2. Its iteration-2
     checkpoint resumes at TP=2 + SP x PP=2 (EP=2, the distributed optimizer; saved at 4),
     which resumes at one process for steps 5-6: every step's loss is the uninterrupted
-    run's, and so is every evaluation (`eval.interval`). `inspect --routing` and `generate` (one process each) read the PP=2 checkpoint
-    whole: its experts route the tiny data, and it answers, as the one-process run's
-    iteration 4 does."""
+    run's, and so is every evaluation (`eval.interval`). `inspect --routing` and `generate`
+    (one-process tools) read the PP=2 checkpoint whole: its experts route the tiny data, and
+    it answers, as the one-process run's iteration 4 does."""
     common = ["train.train_iters=6", "train.lr_warmup_fraction=0.0", "logging.tensorboard_dir=null",
               "eval.interval=2", "eval.shards=[tiny]", "eval.iters=1"]
     whole = tmp_path / "whole"
@@ -122,9 +120,16 @@ def test_checkpoints_resume_across_pipeline_sizes(tmp_path):
 
     pp2 = _train(4, PMOD_MOE, common + PP2_LAYOUT + [
         f"checkpoint.save_dir={resumed}", "train.train_iters=4"], tmp_path)
-    routing_pp2, routing_pp1 = _routing(resumed, tmp_path), _routing(whole_at_4, tmp_path)
-    answer_pp2, answer_pp1 = _generate(resumed, tmp_path), _generate(whole_at_4, tmp_path)
-    pp1 = _train(1, PMOD_MOE, common + [f"checkpoint.save_dir={resumed}"], tmp_path)
+    # The one-process commands in one process, in this order: the tools read `resumed`
+    # before the last training adds iteration 6 to it.
+    image = _coffee(tmp_path)
+    *tools, last = megamod_commands([
+        _routing_command(resumed), _generate_command(resumed, image),
+        _routing_command(whole_at_4), _generate_command(whole_at_4, image),
+        ["train", PMOD_MOE, *common, f"checkpoint.save_dir={resumed}"]], tmp_path, timeout=600)
+    routing_pp2, answer_pp2, routing_pp1, answer_pp1 = (
+        json.loads(check(result).stdout.splitlines()[-1]) for result in tools)
+    pp1 = _records(check(last).stdout)
 
     assert sorted(pp2) == [3, 4] and sorted(pp1) == [5, 6]
     for step, record in {**pp2, **pp1}.items():

@@ -31,10 +31,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-if __name__ == "__main__":  # the 2-process worker (tests.launcher.launch)
+if __name__ == "__main__":  # the 2-process worker (tests/training/conftest.py)
     sys.path.insert(0, str(REPO))
 
-from tests.launcher import TINY_CONFIG, launch, world_of_one  # noqa: E402
+from tests.launcher import TINY_CONFIG, world_of_one  # noqa: E402
 
 # Measured agreement at these shapes: <= 0.2 % (routing bookkeeping at random routing).
 TOLERANCE = 0.01
@@ -335,15 +335,15 @@ def worker(out: Path) -> None:
     destroy_distributed()
 
 
-def test_per_rank_counts_and_activations_match_a_real_tp2_ep2_run(tmp_path):
+def test_per_rank_counts_and_activations_match_a_real_tp2_ep2_run(worker_outputs):
     from megamod.config import load_config
     from megamod.data.tokenizer import load_tokenizer
     from megamod.models.build import vocab_size, with_vocab_size
     from megamod.parallel import parallel_layout
     from megamod.training.plan import LOCAL, activation_bytes, count_parameters, meta_model, parameter_shapes
 
-    launch(2, [__file__, str(tmp_path)], cwd=tmp_path)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # `worker` on 2 ranks, in tests/training/conftest.py's launch.
+    ranks = [json.loads((worker_outputs / "plan" / f"rank{r}.json").read_text()) for r in range(2)]
     config = load_config(TINY_CONFIG, TP2)
     tokenizer = load_tokenizer(config.data.tokenizer)
     rows = vocab_size(config, tokenizer.vocab_size)

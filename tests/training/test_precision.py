@@ -1,11 +1,12 @@
 """bf16 and fp16 through megatron-core's mixed-precision path on CPU, and FP8's selection.
 
-One 2-process launch (parallel_worker.py precision) trains 8 steps at TP=1 (DP=2) in fp32,
-bf16 and fp16, and in bf16 at TP=2 + SP, with a NaN injected into one gradient of rank 1
-at step 4. fp32 is the reference: mixed precision must follow its losses; bf16 at TP=2 +
-SP must follow bf16 at TP=1. In fp16 the injected NaN is an overflow: the loss scale
-halves and the step is skipped without counting as a failure. FP8's selection logic is
-pure and tested with the machines it describes; on this CPU the CLI refuses it.
+One 2-process launch (parallel_worker.py precision, in tests/training/conftest.py's)
+trains 8 steps at TP=1 (DP=2) in fp32, bf16 and fp16, and in bf16 at TP=2 + SP, with a NaN
+injected into one gradient of rank 1 at step 4. fp32 is the reference: mixed precision
+must follow its losses; bf16 at TP=2 + SP must follow bf16 at TP=1. In fp16 the injected
+NaN is an overflow: the loss scale halves and the step is skipped without counting as a
+failure. FP8's selection logic is pure and tested with the machines it describes; on this
+CPU the CLI refuses it.
 """
 
 from __future__ import annotations
@@ -18,19 +19,16 @@ import torch
 
 from megamod.config import load_config
 from megamod.precision import fp8_fields, fp8_refusal
-from tests.launcher import REPO, TINY_CONFIG, free_port, launch, run
+from tests.launcher import TINY_CONFIG, free_port, run
 
-WORKER = str(REPO / "tests" / "training" / "parallel_worker.py")
 STEPS, NAN_AT = 8, 4  # parallel_worker.PRECISION_STEPS, PRECISION_NAN_AT
 BEFORE, FROM = NAN_AT - 1, STEPS - NAN_AT + 1  # steps before the NaN, and from it on
 RUNS = ("fp32_tp1", "bf16_tp1", "fp16_tp1", "bf16_tp2")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("precision")
-    launch(2, [WORKER, "precision", str(out)], cwd=out)
-    return {name: torch.load(out / f"precision_{name}.pt") for name in RUNS}
+def results(worker_outputs):
+    return {name: torch.load(worker_outputs / "parallel" / f"precision_{name}.pt") for name in RUNS}
 
 
 def column(result: dict, key: str) -> list[float]:

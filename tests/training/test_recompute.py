@@ -8,7 +8,8 @@ every gradient, the routing and MoD statistics and megatron-core's aux-loss trac
 the reference's (statistics recorded once per forward, not again in the recompute), and
 forward hooks show that the recompute happened: the recomputed modules ran twice, the
 others once. One 2-process launch does the same at TP=2 + SP + EP=2 for MoD+MoE through
-the training loop's path (this file is its worker: `python test_recompute.py OUT_DIR`).
+the training loop's path (this file is its worker: `python test_recompute.py OUT_DIR`, run
+in tests/training/conftest.py's launch).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from megamod.config import load_config
 from megamod.data.tokenizer import load_tokenizer
 from megamod.errors import ConfigError
-from tests.launcher import TINY_CONFIG, launch, world_of_one
+from tests.launcher import TINY_CONFIG, world_of_one
 
 QUIET = ["checkpoint.save_dir=null", "checkpoint.save_interval=null", "logging.tensorboard_dir=null"]
 # One sample per loader step, so the batch can mix text-only and image samples.
@@ -323,10 +324,9 @@ def parallel_worker(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def parallel_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("recompute")
-    launch(2, [str(Path(__file__)), str(out)], cwd=out)
-    return torch.load(out / "recompute_tp2.pt")
+def parallel_results(worker_outputs) -> dict:
+    """`parallel_worker`'s results, from tests/training/conftest.py's 2-process launch."""
+    return torch.load(worker_outputs / "recompute" / "recompute_tp2.pt")
 
 
 @pytest.mark.parametrize("recompute", ["full", "selective"])
