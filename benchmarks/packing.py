@@ -233,10 +233,10 @@ def official_micro_batches(
     torch.manual_seed(seed)  # the per-modality orders draw from torch's global generator
     generator = torch.Generator().manual_seed(seed)
     b, size = recipe.per_device_batch, recipe.per_device_batch * recipe.ranks
+    text_only = sum(shape.text_only for shape in shapes)
     if recipe.group_by_modality_length:
         signed = [-n if shape.text_only else n for shape, n in zip(shapes, lengths)]
         order = modality_length_grouped_indices(signed, b, recipe.ranks, generator)
-        text_only = sum(shape.text_only for shape in shapes)
         if 0 < text_only < len(shapes):  # the last megabatch holds both modalities' remainders
             remainders = sum((n - 1) % size + 1 for n in (text_only, len(shapes) - text_only))
         else:  # one modality: the last megabatch may be short
@@ -245,8 +245,7 @@ def official_micro_batches(
     else:
         order = torch.randperm(len(shapes), generator=generator).tolist()
     chunks = [order[i : i + b] for i in range(0, len(order) - b + 1, b)]
-    text_share = sum(shape.text_only for shape in shapes) / len(shapes)
-    text_chunks = round(count * text_share)
+    text_chunks = round(count * text_only / len(shapes))
     by_modality = {True: [], False: []}
     for chunk in chunks:
         by_modality[all(shapes[i].text_only for i in chunk)].append(chunk)
