@@ -13,7 +13,7 @@
 #                    GPU: its losses against the plain optimizer's
 #   packed           p-MoD's tiny config (examples/configs/pmod/tiny.yaml) with
 #                    data.packing=true, TE specs, bf16, 20 steps: packed rows' attention
-#                    (SDPA with a per-sample mask beside TE's layers) and MoD's per-sample
+#                    (SDPA per sample, PackedSeqParams, beside TE's layers) and MoD's per-sample
 #                    top-k on the GPU; the loss falls, data/padding_fraction reported
 #   dali             DALI `mixed` (nvJPEG) decode + CLIP preprocessing of the tiny data
 #                    set's images against the CPU paths (Pillow, DALI CPU): max and mean

@@ -248,3 +248,16 @@ def test_peer_sampler_orders_samples_as_llavas(official_llava):
                                                        case["world_size"], generator)
         assert ours == expected
         assert sorted(ours) == list(range(len(case["lengths"])))
+
+
+def test_packed_attention_benchmark_times_each_path():
+    """benchmarks/packed_attention.py on a small case: every path runs forward and backward
+    and is reported (the times themselves are not asserted)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import packed_attention
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    figures = packed_attention.measure(48, [[20, 12], [48]], repeats=2)
+    assert set(figures) == {"packed_s", "mask_s", "plain_causal_s", "ratio_mask_vs_packed"}
+    assert all(value > 0 for value in figures.values())

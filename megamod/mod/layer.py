@@ -45,8 +45,8 @@ layer's own slots (`megamod.inference.cache`).
 
 Packed rows (`data.packing`: several samples a row, `MicroBatchInfo.segment_ids`): each
 sample keeps its own top trunc(n_vision(sample) x ratio) vision tokens, and the kept tokens
-attend within their sample (a mask per MoD layer: its kept tokens differ), at their own
-positions. The padding at a row's end (`MicroBatchInfo.padding`) is left out of the layer
+attend within their sample (`PackedSeqParams` per MoD layer: its kept tokens differ; the
+filler slots after a row's kept tokens join its last sample), at their own positions. The padding at a row's end (`MicroBatchInfo.padding`) is left out of the layer
 like a skipped token (y = w x; no real token attends to it, no loss reads it).
 
 Departures from the official code: ties in the router weights are broken by position
@@ -65,7 +65,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megamod.micro_batch import MicroBatchInfo, segment_causal_mask
+from megamod.micro_batch import MicroBatchInfo, packed_seq_params
 from megamod.mod.router import TokenRouter, WeightNorm
 from megamod.mod.stats import MoDStats
 
@@ -78,6 +78,8 @@ class KeptTokens:
     valid: torch.Tensor  # [K, b] a real kept token (not padding)
     slot: torch.Tensor  # [s, b] slot of each position, -1 where skipped
     kept_vision: int  # vision tokens kept in the micro-batch (host)
+    # Packed rows: [samples, b] kept tokens of each sample (host), in slot order.
+    kept_per_segment: Optional[torch.Tensor] = None
 
 
 def select_kept_tokens(
@@ -89,6 +91,7 @@ def select_kept_tokens(
     padding: Optional[torch.Tensor] = None,
     padding_per_sample: Optional[torch.Tensor] = None,
     segment_ids: Optional[torch.Tensor] = None,
+    tokens_per_segment: Optional[torch.Tensor] = None,
     vision_per_segment: Optional[torch.Tensor] = None,
 ) -> KeptTokens:
     """weights, is_image: [s, b]; vision_per_sample: [b] on the host. Per sample keep the
@@ -97,8 +100,9 @@ def select_kept_tokens(
     end in training, a batch of left-padded prompts at inference, which no layer needs).
 
     Packed rows (`segment_ids` [s, b], the sample of each position, -1 on padding, and
-    `vision_per_segment` [samples, b] on the host): each sample of a row keeps its own
-    top trunc(n_vision(sample) x ratio), as it would alone in a row."""
+    `tokens_per_segment`, `vision_per_segment` [samples, b] on the host): each sample of a
+    row keeps its own top trunc(n_vision(sample) x ratio), as it would alone in a row; its
+    kept tokens take consecutive slots."""
     s, b = is_image.shape
     device = is_image.device
     # trunc(n x ratio) in float32, as the official code computes it.
@@ -132,7 +136,10 @@ def select_kept_tokens(
         by_slot = torch.cat([by_slot, by_slot.new_zeros(length - s, b)])
     valid = torch.arange(length, device=device).unsqueeze(1) < kept_per_sample_dev.unsqueeze(0)
     index = by_slot[:length].masked_fill(~valid, 0)
-    return KeptTokens(index, valid, slot, int(keep_vision.sum()))
+    kept_per_segment = None
+    if segment_ids is not None:
+        kept_per_segment = tokens_per_segment - vision_per_segment + keep_vision
+    return KeptTokens(index, valid, slot, int(keep_vision.sum()), kept_per_segment)
 
 
 def _rank_within_segments(by_weight: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -207,7 +214,7 @@ class MoDTransformerLayer(TransformerLayer):
             rotary_pos_emb = (rotary_pos_emb[:, 0][kept.index] if rotary_pos_emb.shape[1] == 1
                               else _gather_seq(rotary_pos_emb, kept.index))
         if info.segment_ids is not None:  # packed rows: kept tokens attend within their sample
-            kwargs["attention_mask"] = segment_causal_mask(_gather_seq(info.segment_ids, kept.index))
+            kwargs["packed_seq_params"] = packed_seq_params(kept.kept_per_segment, kept.index.shape[0])
         y_kept, context = self._forward_kept(
             x_full, weights, index, valid, rotary_pos_emb=rotary_pos_emb, **kwargs
         )
@@ -224,7 +231,8 @@ class MoDTransformerLayer(TransformerLayer):
             padding = {"padding": info.padding, "padding_per_sample": info.padding_per_sample}
         kept = select_kept_tokens(
             weights.detach(), info.token_is_image, info.vision_per_sample, self.ratio, multiple,
-            segment_ids=info.segment_ids, vision_per_segment=info.vision_per_segment, **padding,
+            segment_ids=info.segment_ids, tokens_per_segment=info.tokens_per_segment,
+            vision_per_segment=info.vision_per_segment, **padding,
         )
         if self.stats is not None:
             self.stats.record(self.layer_number - 1, kept.kept_vision,

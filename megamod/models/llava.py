@@ -26,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megamod.config import Config
 from megamod.models import specs
 from megamod.models.transformer_configs import transformer_configs
-from megamod.micro_batch import MicroBatchInfo, segment_causal_mask
+from megamod.micro_batch import MicroBatchInfo, packed_seq_params
 from megamod.mod.layer import MoDTransformerLayer
 from megamod.mod.stats import MoDStats
 from megamod.moe.router import TopKRouterWithStats
@@ -35,6 +35,17 @@ from megamod.moe.stats import RoutingStats
 # Megatron-LM's GPT datasets mark positions without loss with a loss mask; labels there
 # are replaced by this valid id so the vocab-parallel cross entropy can index them.
 _MASKED_LABEL = 0
+
+
+def _misplaced(segments: torch.Tensor) -> torch.Tensor:
+    """[1, b] positions of packed rows' `segments` [s, b] that break their layout: samples
+    numbered 0, 1, ... from the row's start, each contiguous, then padding (-1) to its end."""
+    after_padding = segments.shape[0]  # padding sorts after every sample
+    order = segments.masked_fill(segments < 0, after_padding)
+    step = order[1:] - order[:-1]
+    bad = (step < 0) | ((step > 1) & (order[1:] != after_padding))
+    first = (order[:1] != 0) & (order[:1] != after_padding)
+    return torch.cat([first, bad]).sum(0, keepdim=True)
 
 
 class GPTModelWithPositions(GPTModel):
@@ -174,7 +185,9 @@ class LLaVA(MegatronModule):
         MoE routers and the MoD layers; packed rows (several samples a row) come with
         `segment_ids` [b, s] (the sample's number in its row, -1 on padding) and
         `position_ids` [b, s] (restarting at 0 in each sample): attention stays within each
-        sample (one mask for the micro-batch, built here) and RoPE follows the positions."""
+        sample (`PackedSeqParams`, built here once for the micro-batch) and RoPE follows the
+        positions. A packed row holds its samples in order from its start, padding at its
+        end, as `collate_packed` builds it; another layout is refused."""
         decoder_input = None  # a later pipeline stage: the previous stage's output
         if self.pre_process:
             decoder_input = self.embed(tokens, images)
@@ -185,16 +198,19 @@ class LLaVA(MegatronModule):
             labels = labels.masked_fill(~loss_mask.bool(), _MASKED_LABEL)
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-        attention_mask = None if segment_ids is None else segment_causal_mask(segment_ids.t())
+        packed = None
+        if segment_ids is not None:
+            packed = packed_seq_params(self.micro_batch.tokens_per_segment, tokens.shape[1])
         if padding_mask is not None and self.sequence_parallel:  # each rank's MoE layers: its slice
             tp = parallel_state.get_tensor_model_parallel_world_size()
             padding_mask = padding_mask.chunk(tp, dim=1)[parallel_state.get_tensor_model_parallel_rank()]
         return self.language_model(
             input_ids=None,
             position_ids=position_ids,
-            attention_mask=attention_mask,
+            attention_mask=None,
             decoder_input=decoder_input,
             labels=labels,
+            packed_seq_params=packed,
             padding_mask=padding_mask,  # megatron-core hands it to the MoE layers' routers
         )
 
@@ -207,16 +223,20 @@ class LLaVA(MegatronModule):
     ) -> None:
         """Tell the routers and MoD layers which of their tokens are image tokens, which are
         padding, which sample of a packed row each belongs to, and how many tokens of the
-        micro-batch carry loss (for the aux-loss weight)."""
-        if self.routing_stats is None and self.mod_stats is None:
-            return  # a dense model: nothing reads it
+        micro-batch carry loss (for the aux-loss weight); and core attention how long each
+        sample of a packed row is."""
+        if self.routing_stats is None and self.mod_stats is None and segment_ids is None:
+            return  # a dense model on one sample a row: nothing reads it
         info = self.micro_batch
         is_image = (tokens == self.image_token_id).transpose(0, 1)  # router order: [s, b]
         padding = None if padding_mask is None else padding_mask.transpose(0, 1)
         segments = None if segment_ids is None else segment_ids.transpose(0, 1)
         info.token_is_image, info.padding, info.segment_ids = is_image, padding, segments
-        if self.mod_stats is not None:  # the one host sync: MoD layers size buffers from it
+        if self.mod_stats is not None or segments is not None:
+            # The one host sync: MoD layers size buffers from it, core attention cuts rows.
             self._count_on_host(is_image, padding, segments)
+        if self.routing_stats is None:
+            return  # no MoE router reads what follows
         modality = is_image.long()
         if padding is not None:
             modality = modality.masked_fill(padding, -1)
@@ -230,23 +250,30 @@ class LLaVA(MegatronModule):
     def _count_on_host(
         self, is_image: torch.Tensor, padding: torch.Tensor | None, segments: torch.Tensor | None
     ) -> None:
-        """Vision tokens per row (per sample of a packed row) and padding per row, copied to
-        the host together."""
+        """Vision tokens per row, padding per row and, for packed rows, tokens and vision
+        tokens per sample, copied to the host together (with a count of positions that
+        break the packed layout: samples in order from the row's start, padding after)."""
         info = self.micro_batch
-        if segments is None:
-            counts = is_image.sum(0, keepdim=True)  # [1, b]
-        else:  # [s, b]: sample j's at row j (at most s samples a row; padding, -1, dropped)
-            s, b = segments.shape
-            counts = torch.zeros(s + 1, b, dtype=torch.long, device=segments.device)
-            counts = counts.scatter_add_(0, segments + 1, is_image.long())[1:]
-        rows = [counts.long()]
+        s, b = is_image.shape
+        rows = [is_image.sum(0, keepdim=True)]  # [1, b]
         if padding is not None:
             rows.append(padding.sum(0, keepdim=True))
-        host = torch.cat(rows).cpu()
-        per_segment = host[: counts.shape[0]]
-        info.vision_per_sample = per_segment.sum(0)
-        info.vision_per_segment = per_segment if segments is not None else None
-        info.padding_per_sample = host[-1] if padding is not None else None
+        if segments is not None:  # [s, b] each: sample j's at row j (padding, -1, dropped)
+            per_segment = torch.zeros(2 * (s + 1), b, dtype=torch.long, device=segments.device)
+            per_segment[: s + 1].scatter_add_(0, segments + 1, torch.ones_like(segments))
+            per_segment[s + 1 :].scatter_add_(0, segments + 1, is_image.long())
+            rows += [per_segment[1 : s + 1], per_segment[s + 2 :], _misplaced(segments)]
+        host = torch.cat([row.long() for row in rows]).cpu()
+        info.vision_per_sample = host[0]
+        info.padding_per_sample = host[1] if padding is not None else None
+        info.tokens_per_segment = info.vision_per_segment = None
+        if segments is not None:
+            if int(host[-1].sum()):
+                raise ValueError("packed rows must hold their samples in order from the row's "
+                                 "start and padding (segment -1) after them")
+            tokens, vision = host[-1 - 2 * s : -1 - s], host[-1 - s : -1]
+            samples = max(1, int((tokens.sum(1) > 0).sum()))  # samples 0..n-1 of some row
+            info.tokens_per_segment, info.vision_per_segment = tokens[:samples], vision[:samples]
 
     def mod_layers(self) -> list[MoDTransformerLayer]:
         return [m for m in self.language_model.decoder.layers if isinstance(m, MoDTransformerLayer)]

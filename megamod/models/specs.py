@@ -60,15 +60,12 @@ def decoder_block_spec(
     where it sent each token, for per-modality expert load). Layers that p-MoD's schedule
     names become MoD layers with their keep ratio.
 
-    `packed` (several samples a row): core attention is SDPA with a per-sample causal mask
-    even with transformer-engine, whose attention applies its mask type and ignores an
-    explicit mask under `causal`. Departure from Megatron-LM's packed SFT (THD layout, TE's
-    varlen kernels through `PackedSeqParams`): MoD layers attend over their own kept
-    tokens, whose per-sample boundaries differ per layer, which a mask expresses directly;
-    the THD path is the faster one to add once it can be checked on a GPU. On CPU the mask
-    beat the alternative without a varlen kernel, one causal SDPA call per sample: forward +
-    backward at 2 rows x 8 heads x 512 positions x 64, 7 samples, 2 cores (2026-12-07):
-    mask 0.61 s, per-sample calls 0.79 s (a plain causal row, wrong here, 0.32 s)."""
+    `packed` (several samples a row): core attention is SDPA, within each sample
+    (`PackedSeqParams`, `sbhd`), even with transformer-engine. Departure from Megatron-LM's
+    packed SFT, which lays rows out as `thd` for TE's varlen kernels: TE cannot be built on
+    the machines this project is tested on (no CUDA here, none on the GPU machine lent so
+    far), so that path could not be checked; SDPA's causal kernels per sample compute no
+    padding and no attention across samples (`core_attention` has the measurements)."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization
     )

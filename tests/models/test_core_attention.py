@@ -2,13 +2,15 @@
 same inputs, forward and gradients, in a world of one (fp32 on CPU).
 
 Cases: causal, no mask, explicit boolean masks (with rows masked everywhere, with sq != sk
-as a KV-cache decode step has them, per sample and per head), GQA, heads per TP partition,
+as a KV-cache decode step has them, per sample and per head), packed rows (against the
+per-sample causal mask they mean), GQA, heads per TP partition,
 softmax scale and query-key layer scaling; then the tiny LLaVA built with each attention
 (dense and MoD, whose kept-token attention relies on the causal mask) on the same weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamod.config import load_config
 from megamod.data.tokenizer import load_tokenizer
+from megamod.micro_batch import packed_seq_params
 from megamod.models.core_attention import SDPADotProductAttention
 from tests.launcher import TINY_CONFIG, world_of_one
 
@@ -51,10 +54,10 @@ def both(config: TransformerConfig, mask_type: AttnMaskType, tp: int = 1, **kwar
     return DotProductAttention(**args), SDPADotProductAttention(**args)
 
 
-def run(module, q, k, v, mask, mask_type=None):
+def run(module, q, k, v, mask, mask_type=None, **kwargs):
     """Output and the gradients of q, k, v for a fixed random output gradient."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = module(q, k, v, mask, attn_mask_type=mask_type)
+    out = module(q, k, v, mask, attn_mask_type=mask_type, **kwargs)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)))
     return [out, q.grad, k.grad, v.grad]
 
@@ -144,6 +147,50 @@ def test_attention_dropout_in_training_only(world):
     ours.train()
     dropped = ours(q, k, v, None)
     assert not torch.allclose(dropped, ours.eval()(q, k, v, None), atol=1e-3)
+
+
+@pytest.mark.parametrize("groups", [4, 2], ids=["mha", "gqa"])
+def test_packed_rows_attend_within_each_sample(world, groups):
+    """Packed rows (`packed_seq_params`, one kernel call per sequence) against upstream's
+    module with the per-sample causal mask they mean: a row of samples of 5, 1 and 7
+    positions then padding, a row one sample fills, a row without samples. Padding attends
+    within itself (its own sequence), every position is compared."""
+    s, lengths = 16, [[5, 1, 7], [16], []]
+    params = packed_seq_params(torch.tensor([[5, 16, 0], [1, 0, 0], [7, 0, 0]]), s)
+    assert params.cu_seqlens_q.tolist() == [0, 5, 6, 13, 16, 32, 48]
+    assert (params.qkv_format, params.max_seqlen_q) == ("sbhd", 16)
+    segments = torch.full((len(lengths), s), -1)
+    for row, samples in enumerate(lengths):
+        start = 0
+        for j, n in enumerate(samples):
+            segments[row, start : start + n] = j
+            start += n
+    later = torch.ones(s, s, dtype=torch.bool).triu(1)
+    mask = ((segments[:, :, None] != segments[:, None, :]) | later).unsqueeze(1)
+    upstream, ours = both(transformer_config(groups=groups), AttnMaskType.causal)
+    q, k, v = inputs(s, s, len(lengths), 4, groups)
+    expected = run(upstream, q, k, v, mask)
+    got = run(ours, q, k, v, None, packed_seq_params=params)
+    for name, e, o in zip(["output", "dq", "dk", "dv"], expected, got):
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_packed_rows_refused_when_malformed(world):
+    _, ours = both(transformer_config(), AttnMaskType.causal)
+    q, k, v = inputs(8, 8, 2, 4, 2)
+    params = packed_seq_params(torch.tensor([[3, 8], [5, 0]]), 8)
+    with pytest.raises(ValueError, match="no attention_mask"):
+        ours(q, k, v, torch.zeros(2, 1, 8, 8, dtype=torch.bool), packed_seq_params=params)
+    with pytest.raises(ValueError, match="'thd'"):
+        ours(q, k, v, None, packed_seq_params=dataclasses.replace(params, qkv_format="thd"))
+    crossing = torch.tensor([0, 3, 10, 16], dtype=torch.int32)
+    with pytest.raises(ValueError, match="crosses rows"):
+        ours(q, k, v, None, packed_seq_params=dataclasses.replace(
+            params, cu_seqlens_q=crossing, cu_seqlens_kv=crossing))
+    with pytest.raises(ValueError, match="do not cover"):
+        ours(*inputs(8, 8, 3, 4, 2), None, packed_seq_params=params)
+    with pytest.raises(ValueError, match="row 1 holds 9 tokens"):
+        packed_seq_params(torch.tensor([[3, 9], [5, 0]]), 8)
 
 
 def test_bf16(world):

@@ -5,7 +5,7 @@ total loss and every gradient, for a dense decoder, MoE layers (aux and z losses
 The reference runs the same samples one per row, padded to the longest (padding left out of
 the routers and MoD layers); the packed run puts them, whole, into fewer rows with padding at
 each row's end. Everything a token sees must be the same: its own sample's keys (the
-per-sample causal mask), its own positions (RoPE restarting at each sample), the same MoD
+packed rows' attention, `PackedSeqParams`), its own positions (RoPE restarting at each sample), the same MoD
 selection (top-k per sample, not per row), and MoE losses over the same real tokens (padding
 and MoD filler slots never reach a router's losses, load statistics or capacity).
 """
@@ -192,11 +192,38 @@ def test_packed_rows_equal_one_sample_a_row(variant):
                 assert slots[layer].sum() == 2 * routed_tokens  # top-2, nothing dropped
 
 
+def test_packed_rows_out_of_layout_refused():
+    """Core attention cuts rows by sample lengths, so a row whose samples are out of order,
+    split, or followed by a sample after padding is refused, not attended across."""
+    from megamod.config import load_config
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.build import build_model
+    from tests.launcher import TINY_CONFIG
+
+    with world_of_one(BASE):
+        config = load_config(TINY_CONFIG, BASE + ["data.packing=true"])
+        tokenizer = load_tokenizer("tiny")
+        model = build_model(config, tokenizer)
+        samples = tiny_samples(load_config(TINY_CONFIG, BASE), tokenizer, 2)
+        assert sum(len(s["tokens"]) for s in samples) < 256  # two samples and padding
+        good = packed([samples], 256, tokenizer.pad_id)
+        with torch.no_grad():
+            model(**{k: v for k, v in good.items() if k not in ("labels", "loss_mask")})
+        n = len(samples[0]["tokens"])
+        for name, edit in [("swapped", lambda seg: seg[0, :n].fill_(1)),
+                           ("split", lambda seg: seg[0, 2].fill_(1)),
+                           ("after padding", lambda seg: seg[0, -1].fill_(0))]:
+            bad = {k: v.clone() for k, v in good.items() if k not in ("labels", "loss_mask")}
+            edit(bad["segment_ids"])
+            with pytest.raises(ValueError, match="in order from the row's start"), torch.no_grad():
+                model(**bad)
+
+
 def test_packed_rows_in_bf16_with_a_sentencepiece_tokenizer(llama_sp_tokenizer):
     """What real runs differ in: bf16 weights and activations (the model cast as megatron-core's
     Float16Module casts it) and a Vicuna-style SentencePiece tokenizer, p-MoD + MoE. Packed
     rows keep the same tokens in every MoD layer as one sample a row, and the logits, loss
-    and gradients within bf16's rounding (measured: logits equal, gradients within 1.5 % of
+    and gradients within bf16's rounding (measured: logits equal, gradients within 0.25 % of
     each tensor's largest)."""
     from megamod.config import load_config
     from megamod.data.tokenizer import load_tokenizer
@@ -218,7 +245,12 @@ def test_packed_rows_in_bf16_with_a_sentencepiece_tokenizer(llama_sp_tokenizer):
         samples = tiny_samples(load_config(TINY_CONFIG, overrides), tokenizer, 7)
         rows = [samples[0:3], samples[3:5], samples[5:7]]
         assert all(sum(len(s["tokens"]) for s in row) < 512 for row in rows)
-        batches = [one_per_row(samples, tokenizer.pad_id), packed(rows, 512, tokenizer.pad_id)]
+        # The reference rows hold one sample each, as packed rows (the same attention kernel
+        # call per sample: bf16 rounds alike, so no top-2 choice near a tie flips on a
+        # rounding difference; the fp32 test compares against plain causal rows).
+        longest = max(len(s["tokens"]) for s in samples)
+        batches = [packed([[s] for s in samples], longest, tokenizer.pad_id),
+                   packed(rows, 512, tokenizer.pad_id)]
         for batch in batches:
             batch["images"] = batch["images"].bfloat16()
         ref_logits, ref_loss, ref_grads = run(model, batches[0])
@@ -233,7 +265,7 @@ def test_packed_rows_in_bf16_with_a_sentencepiece_tokenizer(llama_sp_tokenizer):
     assert set(grads) == set(ref_grads)
     for name, ref in ref_grads.items():
         scale = ref.float().abs().max().item()
-        assert (grads[name].float() - ref.float()).abs().max().item() <= 0.05 * scale, name
+        assert (grads[name].float() - ref.float()).abs().max().item() <= 0.01 * scale, name
 
 
 def routed(model):
