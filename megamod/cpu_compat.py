@@ -17,8 +17,9 @@ Four mechanisms, each the narrowest that works:
    dispatcher's split sizes) or wrapped (the mixed-precision and distributed optimizers'
    parameter sorting, which names CUDA tensor types; the distributed optimizer's state
    loading, which misses torch AdamW's per-parameter step).
-4. One torch setting: megatron-core's `torch.compile`d activations run eagerly (compiling
-   them on a CPU costs seconds per process and a C++ toolchain, for no speed).
+4. `torch.compile` returns what it is given (`compile_nothing`, at `import megamod`, before
+   megatron-core decorates its activations with it): compiling them on a CPU costs seconds
+   per process and a C++ toolchain, for no speed.
 
 gloo needs no shim: with overlap off, megatron-core's DDP and distributed optimizer call
 `reduce_scatter_tensor` and `all_gather_into_tensor` (in `_coalescing_manager`), which
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 import types
 from typing import Any, Iterator
 
@@ -298,17 +300,35 @@ def _patch_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-def _activations_run_eagerly() -> None:
+def _identity_compile(model: Any = None, **options: Any) -> Any:
+    """`torch.compile`'s two forms, `torch.compile(fn, ...)` and `@torch.compile(...)`,
+    returning the function itself."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def compile_nothing() -> None:
     """Mechanism 4: megatron-core's `jit_fuser` is `torch.compile` (activations.py's
     `quick_gelu`, the CLIP encoder's activation, among others). On a CPU, inductor builds
     those kernels with g++ in every new process: 6-10 s of each rank's start on 2 cores, a
     C++ toolchain as a run-time dependency, and ranks compiling at once raced on the
-    precompiled header of its shared cache (g++: "'at::vec' has not been declared").
-    The fusion buys nothing on a CPU, so dynamo is switched off and the same functions run
-    eagerly. megamod compiles nothing itself; the GPU path keeps megatron-core's fusion."""
-    import torch._dynamo
+    precompiled header of its shared cache (g++: "'at::vec' has not been declared"); and
+    merely decorating them imports dynamo and inductor (~1-2 s of every process's start).
+    The fusion buys nothing on a CPU, so without CUDA `import megamod` makes `torch.compile`
+    return what it is given, before megatron-core is imported: those functions are plain
+    functions and nothing is compiled anywhere in the process (which runs nothing on a
+    GPU). `apply()` covers a process that imported megatron-core first: dynamo is switched
+    off, and the decorated functions run eagerly. The GPU path keeps megatron-core's
+    fusion."""
+    if not torch.cuda.is_available():
+        torch.compile = _identity_compile
 
-    torch._dynamo.config.disable = True
+
+def _activations_run_eagerly() -> None:
+    """Mechanism 4 when megatron-core was imported before megamod (see `compile_nothing`):
+    functions it decorated are dynamo's wrappers, which run eagerly once dynamo is off.
+    Dynamo loaded means something was decorated; otherwise there is nothing to switch."""
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].config.disable = True
 
 
 def apply() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megamod import cpu_compat
-from tests.launcher import world_of_one
+from tests.launcher import REPO, world_of_one
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="patches apply only without CUDA")
 
@@ -407,10 +409,43 @@ def test_rerun_state_machine_reduces_flags_on_cpu():
     assert machine._reduce_any(False) is False and machine._reduce_any(True) is True
 
 
+def test_importing_megamod_first_compiles_nothing():
+    """Mechanism 4 as a rank meets it (`python -m megamod`): megamod imported before
+    megatron-core, whose `torch.compile`d activations are then the plain functions, and
+    neither dynamo nor inductor is ever imported (their import alone costs a process
+    seconds), through building and running a model."""
+    script = """
+import sys
+import megamod
+import torch
+from megatron.core.activations import quick_gelu
+from megatron.core.fusions.fused_bias_geglu import bias_geglu_impl
+assert not hasattr(quick_gelu, "_torchdynamo_orig_callable"), "quick_gelu was wrapped by dynamo"
+x = torch.randn(3, 37)
+assert torch.equal(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+from tests.launcher import TINY_CONFIG, world_of_one
+from megamod.config import load_config
+from megamod.data.tokenizer import load_tokenizer
+from megamod.models.build import build_model
+with world_of_one([]):
+    config = load_config(TINY_CONFIG, [])
+    model = build_model(config, load_tokenizer("tiny"))
+    image = torch.zeros(1, 3, config.model.vision.image_size, config.model.vision.image_size)
+    model.vision_model(image).sum().backward()
+loaded = sorted(m for m in ("torch._dynamo", "torch._inductor.compile_fx") if m in sys.modules)
+assert not loaded, loaded
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_compiled_activations_run_eagerly():
-    """Mechanism 4: megatron-core's `torch.compile`d `quick_gelu` (the CLIP encoder's
-    activation) runs without dynamo on CPU: no frame is compiled, and it computes
-    x * sigmoid(1.702 x) exactly as the eager formula does."""
+    """Mechanism 4 in this process, where megatron-core may come before megamod:
+    megatron-core's `torch.compile`d `quick_gelu` (the CLIP encoder's activation) runs
+    without dynamo on CPU: no frame is compiled, and it computes x * sigmoid(1.702 x)
+    exactly as the eager formula does."""
     from megatron.core.activations import quick_gelu
     from torch._dynamo.utils import counters
 
