@@ -64,7 +64,9 @@ def test_distributed_optimizer_trains_as_the_plain_one_at_dp2(results, dtype):
         assert dist["optimizers"] == ["DistributedOptimizer"] and dist["shards"] == [2]
         assert plain["dtypes"] == dist["dtypes"] == [
             "torch.float32" if dtype == "fp32" else "torch.bfloat16"]
-        assert dist["losses"] == pytest.approx(plain["losses"], abs=1e-6)
+        # fp32: the parameters differ by rounding (below), so later losses may by a few
+        # ulps (measured: 2.2e-7 relative at step 3, 3 ulps of a loss of 6.4).
+        assert dist["losses"] == pytest.approx(plain["losses"], rel=1e-6)
         assert dist["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6)
         diff = max_differences(dist, plain)
         if dtype == "fp32":
@@ -84,7 +86,9 @@ def test_distributed_optimizer_trains_as_the_plain_one_with_tp_sp_and_moe(result
         # TP=2 + SP: DP=2. MoE at TP=1: dense params over DP=4, experts (EP=2) over 2.
         assert dist["shards"] == ([2] if layout == "tp2" else [4, 2])
         assert plain["optimizers"] == ["FP32Optimizer"] * len(dist["shards"])
-        assert dist["losses"] == pytest.approx(plain["losses"], abs=1e-6)
+        # fp32: the parameters differ by rounding (below), so later losses may by a few
+        # ulps (measured: 2.2e-7 relative at step 3, 3 ulps of a loss of 6.4).
+        assert dist["losses"] == pytest.approx(plain["losses"], rel=1e-6)
         assert dist["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6)
         diff = max_differences(dist, plain)
         assert max(diff.values()) < 1e-6, diff  # measured: 2.2e-7 (TP=2), 1.6e-7 (MoE)
