@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ MAX_BATCH = 64  # images per pipeline run; larger batches are split
 DALI_FORMATS = frozenset({"jpg", "jpeg", "png", "tif", "tiff", "bmp", "jp2", "webp", "pnm", "ppm", "pgm", "pbm"})
 # The pixels in Pillow's DecompressionBombError ("Image size (400000000 pixels) exceeds ...").
 _PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
+_FILTERS_LOCK = threading.Lock()  # held while ImageLimits.open swaps the warning filters
 
 
 class ImageTooLarge(ValueError):
@@ -79,8 +81,10 @@ class ImageLimits:
         """The image with only its header read (nothing decoded yet), if its width x height
         is within the limit; else ImageTooLarge. Pillow's errors for what is not an image
         pass through."""
-        with warnings.catch_warnings():
-            # This limit decides, below: Pillow's warning (over ~89 M pixels) is only noise.
+        # This limit decides, below: Pillow's warning (over ~89 M pixels) is only noise.
+        # catch_warnings swaps the process's filter list in and out; the lock keeps the
+        # decode pool's threads from restoring each other's (a header read is brief).
+        with _FILTERS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
                 image = Image.open(source)
