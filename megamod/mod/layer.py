@@ -46,7 +46,8 @@ layer's own slots (`megamod.inference.cache`).
 Packed rows (`data.packing`: several samples a row, `MicroBatchInfo.segment_ids`): each
 sample keeps its own top trunc(n_vision(sample) x ratio) vision tokens, and the kept tokens
 attend within their sample (`PackedSeqParams` per MoD layer: its kept tokens differ; the
-filler slots after a row's kept tokens join its last sample), at their own positions. The padding at a row's end (`MicroBatchInfo.padding`) is left out of the layer
+filler slots after a row's kept tokens are a sequence of their own), at their own
+positions. The padding at a row's end (`MicroBatchInfo.padding`) is left out of the layer
 like a skipped token (y = w x; no real token attends to it, no loss reads it).
 
 Departures from the official code: ties in the router weights are broken by position

@@ -4,10 +4,10 @@ total loss and every gradient, for a dense decoder, MoE layers (aux and z losses
 
 The reference runs the same samples one per row, padded to the longest (padding left out of
 the routers and MoD layers); the packed run puts them, whole, into fewer rows with padding at
-each row's end. Everything a token sees must be the same: its own sample's keys (the
-packed rows' attention, `PackedSeqParams`), its own positions (RoPE restarting at each sample), the same MoD
-selection (top-k per sample, not per row), and MoE losses over the same real tokens (padding
-and MoD filler slots never reach a router's losses, load statistics or capacity).
+each row's end. Everything a token sees must be the same: its own sample's keys (packed
+rows' attention, `PackedSeqParams`), its own positions (RoPE restarting at each sample), the
+same MoD selection (top-k per sample, not per row), and MoE losses over the same real tokens
+(padding and MoD filler slots never reach a router's losses, load statistics or capacity).
 """
 
 from __future__ import annotations
